@@ -1,0 +1,496 @@
+"""Rollout, training step, evaluation and the ``fit`` loop.
+
+One rollout function serves training and evaluation: teacher forcing and the latent source
+(``posterior`` | ``prior_sample`` | ``prior_mean``) are arguments. Data arrive as uint8 tensors
+(decoded once, see ``cvae.data``) and are scaled to [0, 1] on the device.
+
+Randomness (clip shuffling, teacher-forcing draws, eps) comes from explicit ``torch.Generator``s
+whose states go into checkpoints, so a resumed run continues the very same random stream.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from cvae.losses import kl_gaussians, kl_standard_normal, reconstruction_mse
+from cvae.metrics import psnr_per_frame
+from cvae.model import VideoCVAE, reparameterize
+from cvae.schedules import (
+    ConstantKL,
+    KLSchedule,
+    TeacherForcing,
+    cosine_lr_factor,
+    kl_beta,
+    multistep_lr_factor,
+)
+
+LatentSource = Literal["posterior", "prior_sample", "prior_mean"]
+LATENT_SOURCES: tuple[str, ...] = ("posterior", "prior_sample", "prior_mean")
+OptimizerKind = Literal["adam", "adamw"]
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
+LRScheduleKind = Literal["multistep", "cosine", "constant"]
+LR_SCHEDULES: tuple[str, ...] = ("multistep", "cosine", "constant")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the run cannot continue."""
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 0..1 (no normalization, as the lab)."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    predictions: torch.Tensor  # (B, T-1, 3, H, W): x_hat_2..x_hat_T
+    mse: torch.Tensor  # (T-1,): reconstruction MSE of each predicted step
+    kl: torch.Tensor  # (T-1,): KL of each step (lab reduction)
+
+
+def _latent(
+    model: VideoCVAE,
+    latent: LatentSource,
+    *,
+    posterior: tuple[torch.Tensor, torch.Tensor] | None,
+    prior: tuple[torch.Tensor, torch.Tensor],
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    if latent == "posterior":
+        assert posterior is not None
+        mu, logvar = posterior
+    else:
+        mu, logvar = prior
+    if latent == "prior_mean":
+        return mu
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return reparameterize(mu, logvar, eps)
+
+
+def _predict(
+    model: VideoCVAE,
+    prev_features: torch.Tensor,
+    label_features: torch.Tensor,
+    *,
+    latent: LatentSource,
+    posterior: tuple[torch.Tensor, torch.Tensor] | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One frame step shared by training and generation: prior, z, decode.
+
+    prev_features (B, F, H, W), label_features (B, L, H, W) -> (x_hat (B, 3, H, W), prior).
+    """
+    prior = model.prior_from_features(prev_features, label_features)
+    z = _latent(model, latent, posterior=posterior, prior=prior, generator=generator)
+    x_hat = model.activate(model.decode_from_features(prev_features, label_features, z))
+    return x_hat, prior
+
+
+def rollout(
+    model: VideoCVAE,
+    frames: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    teacher_forcing: bool,
+    latent: LatentSource = "posterior",
+    generator: torch.Generator | None = None,
+    detach_prev: bool = True,
+    compute_kl: bool = True,
+) -> Rollout:
+    """Predict frames 2..T of a clip from frame 1 and the labels.
+
+    frames, labels: (B, T, 3, H, W) floats in [0, 1]. Step t encodes the previous frame
+    (ground truth under teacher forcing, else the previous prediction), draws z from
+    ``latent`` and decodes. ``detach_prev`` stops gradients through the previous frame's
+    features (the report's choice). ``compute_kl=False`` (evaluation without ground truth for
+    the posterior) skips the posterior and KL.
+    """
+    B, T = frames.shape[:2]
+    # Encoders run once over (B*T, ...) and are unflattened back to (B, T, ...).
+    label_features = model.label_encoder(labels.flatten(0, 1)).unflatten(0, (B, T))
+    need_posterior = compute_kl or latent == "posterior"
+    if need_posterior:
+        # (B, T-1, F, H, W): the ground-truth frames the posterior sees, encoded in one call.
+        truth_features = model.frame_encoder(frames[:, 1:].flatten(0, 1)).unflatten(0, (B, T - 1))
+    if teacher_forcing:
+        # Every previous frame is known: encode them all at once.
+        prev_all = model.frame_encoder(frames[:, :-1].flatten(0, 1)).unflatten(0, (B, T - 1))
+
+    predictions, mses, kls = [], [], []
+    prev = frames[:, 0]
+    for t in range(1, T):
+        prev_features = prev_all[:, t - 1] if teacher_forcing else model.frame_encoder(prev)
+        if detach_prev:
+            prev_features = prev_features.detach()
+        label_t = label_features[:, t]
+        posterior = (
+            model.posterior_from_features(truth_features[:, t - 1], label_t)
+            if need_posterior else None
+        )
+        x_hat, prior = _predict(model, prev_features, label_t, latent=latent,
+                                posterior=posterior, generator=generator)
+        predictions.append(x_hat)
+        mses.append(reconstruction_mse(x_hat, frames[:, t]))
+        if compute_kl:
+            assert posterior is not None
+            if model.prior_head is None:
+                kls.append(kl_standard_normal(*posterior))
+            else:
+                kls.append(kl_gaussians(*posterior, *prior))
+        prev = frames[:, t] if teacher_forcing else x_hat
+    kl = torch.stack(kls) if kls else torch.zeros(T - 1, device=frames.device)
+    return Rollout(torch.stack(predictions, dim=1), torch.stack(mses), kl)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer, LR schedule, training step
+# ---------------------------------------------------------------------------------------------
+def make_optimizer(
+    params, *, kind: OptimizerKind = "adam", lr: float = 1e-3, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer {kind!r}; choose one of {OPTIMIZERS}")
+
+
+def lr_factor(
+    epoch: int, *, kind: LRScheduleKind, epochs: int,
+    milestones: tuple[int, ...] = (2, 5), gamma: float = 0.1,
+) -> float:
+    """The learning-rate multiplier at ``epoch``: a pure function, so resume recomputes it."""
+    if kind == "multistep":
+        return multistep_lr_factor(epoch, milestones=milestones, gamma=gamma)
+    if kind == "cosine":
+        return cosine_lr_factor(epoch, epochs=epochs)
+    if kind == "constant":
+        return 1.0
+    raise ValueError(f"lr schedule {kind!r}; choose one of {LR_SCHEDULES}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
+    lr = base_lr * factor
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+@dataclass
+class StepResult:
+    loss: float
+    mse: float
+    kl: float
+
+
+def _train_step_tensors(
+    model: VideoCVAE,
+    optimizer: torch.optim.Optimizer,
+    frames: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float,
+    teacher_forcing: bool,
+    grad_clip: float | None,
+    generator: torch.Generator | None,
+    detach_prev: bool,
+) -> torch.Tensor:
+    """One backward and one optimizer step; returns detached (loss, mse, kl) as a (3,) tensor."""
+    out = rollout(model, to_unit(frames), to_unit(labels), teacher_forcing=teacher_forcing,
+                  latent="posterior", generator=generator, detach_prev=detach_prev)
+    mse_sum, kl_sum = out.mse.sum(), out.kl.sum()
+    loss = mse_sum + beta * kl_sum  # sum over steps of [MSE_t + beta * KL_t]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    steps = out.mse.shape[0]
+    return torch.stack([loss, mse_sum / steps, kl_sum / steps]).detach()
+
+
+def train_step(model: VideoCVAE, optimizer: torch.optim.Optimizer, frames: torch.Tensor,
+               labels: torch.Tensor, *, beta: float, teacher_forcing: bool,
+               grad_clip: float | None = 1.0, generator: torch.Generator | None = None,
+               detach_prev: bool = True) -> StepResult:
+    """One training step on a batch of clips (B, T, 3, H, W); returns plain floats.
+
+    ``loss`` is the optimized objective (summed over the T-1 steps); ``mse`` and ``kl`` are
+    per predicted frame.
+    """
+    values = _train_step_tensors(model, optimizer, frames, labels, beta=beta,
+                                 teacher_forcing=teacher_forcing, grad_clip=grad_clip,
+                                 generator=generator, detach_prev=detach_prev).tolist()
+    return StepResult(*values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    psnr_per_frame: torch.Tensor  # (L-1,) float64 on CPU: PSNR of each generated frame 2..L
+    mse_per_frame: torch.Tensor  # (L-1,)
+    predictions: torch.Tensor  # (L, 3, H, W) float on CPU, frame 1 = the given first frame
+
+    @property
+    def psnr(self) -> float:
+        return float(self.psnr_per_frame.mean())
+
+    @property
+    def loss(self) -> float:
+        return float(self.mse_per_frame.mean())
+
+
+def _check_generation_latent(latent: str) -> None:
+    if latent not in ("prior_sample", "prior_mean"):
+        raise ValueError(
+            f"latent={latent!r}: generation draws z from the prior; "
+            "choose 'prior_sample' or 'prior_mean'"
+        )
+
+
+@torch.no_grad()
+def generate(
+    model: VideoCVAE,
+    first_frame: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    latent: LatentSource = "prior_sample",
+    samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Closed-loop generation, as validation and the test set need it.
+
+    first_frame (3, H, W) and labels (L, 3, H, W), uint8 or [0, 1] floats; label 0 belongs to
+    the first frame. Frames 1..L-1 are decoded from the previous *generated* frame and their
+    label, z from the prior (a sample, or its mean). Returns (samples, L, 3, H, W) floats on
+    the model's device, frame 0 being the given frame; ``prior_mean`` is deterministic and
+    gives one sequence whatever ``samples`` says. The model runs in eval mode (BatchNorm
+    running statistics) and its mode is restored afterwards.
+    """
+    _check_generation_latent(latent)
+    if samples < 1:
+        raise ValueError(f"samples={samples} must be >= 1")
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        pose = to_unit(labels.to(device))  # (L, 3, H, W)
+        n = samples if latent == "prior_sample" else 1
+        label_features = model.label_encoder(pose)  # (L, L_dim, H, W), shared by all samples
+        prev = to_unit(first_frame.to(device)).unsqueeze(0).expand(n, -1, -1, -1)  # (n, 3, H, W)
+        outputs = [prev]
+        for t in range(1, pose.shape[0]):
+            label_t = label_features[t : t + 1].expand(n, -1, -1, -1)
+            prev, _ = _predict(model, model.frame_encoder(prev), label_t, latent=latent,
+                               posterior=None, generator=generator)
+            outputs.append(prev)
+        return torch.stack(outputs, dim=1)  # (n, L, 3, H, W)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate(
+    model: VideoCVAE,
+    frames: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    latent: LatentSource = "prior_sample",
+    samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Evaluation:
+    """The lab's validation: frame 1 given, frames 2..L generated from the previous
+    *generated* frame and the label, z from the prior (``generate``). ``samples > 1`` draws
+    that many sequences at once and keeps the one with the best mean PSNR (SVG's best-of-N).
+
+    frames, labels: (L, 3, H, W) uint8 or [0, 1] floats.
+    """
+    _check_generation_latent(latent)
+    truth = to_unit(frames.to(next(model.parameters()).device))  # (L, 3, H, W)
+    sequences = generate(model, truth[0], labels, latent=latent, samples=samples,
+                         generator=generator)  # (n, L, 3, H, W)
+    psnrs = torch.stack([psnr_per_frame(s[1:], truth[1:]) for s in sequences])  # (n, L-1)
+    best = int(psnrs.mean(dim=1).argmax())
+    best_seq = sequences[best]
+    mse = (best_seq[1:] - truth[1:]).pow(2).flatten(1).mean(dim=1)
+    return Evaluation(psnrs[best].cpu(), mse.double().cpu(), best_seq.float().cpu())
+
+
+def copy_first_floor(frames: torch.Tensor) -> torch.Tensor:
+    """PSNR per frame of repeating frame 1 for frames 2..L: the floor any model must beat."""
+    truth = to_unit(frames)
+    return psnr_per_frame(truth[0:1].expand_as(truth[1:]), truth[1:]).cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# fit
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FitConfig:
+    epochs: int = 70
+    batch_size: int = 2
+    lr: float = 1e-3
+    lr_schedule: LRScheduleKind = "multistep"
+    lr_milestones: tuple[int, ...] = (2, 5)
+    lr_gamma: float = 0.1
+    kl: KLSchedule = field(default_factory=ConstantKL)
+    teacher_forcing: TeacherForcing = field(default_factory=TeacherForcing)
+    grad_clip: float | None = 1.0
+    detach_prev: bool = True
+    eval_every: int = 1
+    eval_latent: LatentSource = "prior_sample"
+    eval_samples: int = 1
+
+
+class Hooks:
+    """Callbacks from ``fit``; every method does nothing by default.
+
+    ``log_metrics`` is the logging protocol (DESIGN.md): metric keys like ``train/loss``,
+    step = epoch. ``on_epoch_end`` gets the full ``FitState`` so a caller can checkpoint.
+    """
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def on_batch(self, epoch: int, index: int, total: int) -> None:
+        pass
+
+    def on_evaluation(self, epoch: int, evaluation: Evaluation) -> None:
+        pass
+
+    def on_epoch_end(self, state: FitState) -> None:
+        pass
+
+
+@dataclass
+class FitState:
+    """Everything needed to resume: model, optimizer, RNG streams and where we are."""
+
+    model: VideoCVAE
+    optimizer: torch.optim.Optimizer
+    data_generator: torch.Generator  # CPU: shuffling and teacher-forcing draws
+    noise_generator: torch.Generator  # on the device: eps
+    epoch: int = 0  # the next epoch to run
+    best_val_psnr: float = -math.inf
+    best_epoch: int = -1
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "data_rng": self.data_generator.get_state(),
+            "noise_rng": self.noise_generator.get_state().cpu(),
+            "epoch": self.epoch,
+            "best_val_psnr": self.best_val_psnr,
+            "best_epoch": self.best_epoch,
+            "last_metrics": dict(self.last_metrics),
+        }
+
+    def load_state_dict(self, blob: dict[str, Any]) -> None:
+        self.model.load_state_dict(blob["model"])
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.data_generator.set_state(blob["data_rng"])
+        self.noise_generator.set_state(blob["noise_rng"])
+        self.epoch = int(blob["epoch"])
+        self.best_val_psnr = float(blob["best_val_psnr"])
+        self.best_epoch = int(blob["best_epoch"])
+        self.last_metrics = dict(blob.get("last_metrics", {}))
+
+
+def new_fit_state(model: VideoCVAE, config: FitConfig, *, seed: int,
+                  optimizer: OptimizerKind = "adam", weight_decay: float = 0.0) -> FitState:
+    """Seeded generators and a fresh optimizer for ``model`` (already on its device)."""
+    device = next(model.parameters()).device
+    data_generator = torch.Generator().manual_seed(seed)
+    noise_generator = torch.Generator(device=device).manual_seed(seed + 1_000_003)
+    opt = make_optimizer(model.parameters(), kind=optimizer, lr=config.lr,
+                         weight_decay=weight_decay)
+    return FitState(model, opt, data_generator, noise_generator)
+
+
+def _draw(generator: torch.Generator, probability: float) -> bool:
+    """Bernoulli(probability) from ``generator``; always consumes one number."""
+    return bool(torch.rand((), generator=generator) < probability)
+
+
+def train_epoch(state: FitState, clips: torch.Tensor, clip_labels: torch.Tensor,
+                config: FitConfig, hooks: Hooks) -> dict[str, float]:
+    """One pass over shuffled clips (N, T, 3, H, W) uint8; returns the epoch's train metrics."""
+    model, epoch = state.model, state.epoch
+    device = next(model.parameters()).device
+    model.train()
+    lr = set_lr(state.optimizer, config.lr, lr_factor(
+        epoch, kind=config.lr_schedule, epochs=config.epochs,
+        milestones=config.lr_milestones, gamma=config.lr_gamma))
+    tf_ratio = config.teacher_forcing.ratio_at(epoch)
+    epoch_tf = _draw(state.data_generator, tf_ratio)
+    order = torch.randperm(clips.shape[0], generator=state.data_generator)
+    batches = order.split(config.batch_size)
+    totals = torch.zeros(3, device=device, dtype=torch.float64)
+    beta = 0.0
+    for index, batch in enumerate(batches):
+        beta = kl_beta(config.kl, epoch=epoch, epochs=config.epochs, batch=index,
+                       batches_per_epoch=len(batches))
+        use_tf = epoch_tf
+        if config.teacher_forcing.mode == "batch":
+            use_tf = _draw(state.data_generator, tf_ratio)
+        values = _train_step_tensors(
+            model, state.optimizer, clips[batch].to(device, non_blocking=True),
+            clip_labels[batch].to(device, non_blocking=True), beta=beta,
+            teacher_forcing=use_tf and tf_ratio > 0, grad_clip=config.grad_clip,
+            generator=state.noise_generator, detach_prev=config.detach_prev)
+        totals += values.double()
+        hooks.on_batch(epoch, index, len(batches))
+    loss, mse, kl = (totals / len(batches)).tolist()  # one host sync per epoch
+    if not all(math.isfinite(v) for v in (loss, mse, kl)):
+        raise NonFiniteLossError(f"non-finite training loss at epoch {epoch}: loss={loss}")
+    return {"train/loss": loss, "train/mse": mse, "train/kl": kl, "train/beta": beta,
+            "train/tfr": tf_ratio, "train/lr": lr}
+
+
+def fit(
+    state: FitState,
+    clips: torch.Tensor,
+    clip_labels: torch.Tensor,
+    val_frames: torch.Tensor,
+    val_labels: torch.Tensor,
+    config: FitConfig,
+    *,
+    hooks: Hooks | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> FitState:
+    """Train from ``state.epoch`` to ``config.epochs``, evaluating every ``eval_every`` epochs
+    and at the end. Logs per epoch: train/{loss,mse,kl,beta,tfr,lr} and val/{loss,psnr}.
+
+    clips, clip_labels: (N, T, 3, H, W) uint8 (on the device already, or moved per batch);
+    val_frames, val_labels: (L, 3, H, W) uint8.
+    """
+    hooks = hooks or Hooks()
+    while state.epoch < config.epochs and not should_stop():
+        epoch = state.epoch
+        metrics = train_epoch(state, clips, clip_labels, config, hooks)
+        last = epoch == config.epochs - 1
+        if (epoch + 1) % config.eval_every == 0 or last:
+            evaluation = evaluate(state.model, val_frames, val_labels, latent=config.eval_latent,
+                                  samples=config.eval_samples, generator=state.noise_generator)
+            metrics["val/loss"], metrics["val/psnr"] = evaluation.loss, evaluation.psnr
+            if evaluation.psnr > state.best_val_psnr:
+                state.best_val_psnr, state.best_epoch = evaluation.psnr, epoch
+            hooks.on_evaluation(epoch, evaluation)
+        state.last_metrics = metrics
+        state.epoch = epoch + 1
+        hooks.log_metrics(metrics, epoch)
+        hooks.on_epoch_end(state)
+    return state

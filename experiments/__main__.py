@@ -1,0 +1,94 @@
+"""Specs and single runs from the command line.
+
+    python -m experiments list [PATTERN]
+    python -m experiments show NAME|FILE.toml [--profile P] [--set key=value ...]
+    python -m experiments run NAME|FILE.toml [--seeds 0 1 2] [--set key=value ...]
+                              [--profile P] [--device cpu|cuda|mps] [--data PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+from experiments.cli import add_common, guarded, resolve_profile_and_device
+from experiments.registry import ABLATIONS, PROFILES, SPECS, apply_profile, list_specs, resolve_spec
+from experiments.runner import RunContext, run_experiment
+from experiments.spec import ExperimentSpec, apply_overrides, parse_set, spec_hash, to_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,show,run}")
+
+    p_list = sub.add_parser("list", help="registered specs and ablations")
+    p_list.add_argument("pattern", nargs="?", default="*", help="glob filter, e.g. 'kl_*'")
+
+    p_show = sub.add_parser("show", help="the resolved spec as JSON")
+    p_show.add_argument("spec", help="a registered name or a .toml file")
+    p_show.add_argument("--profile", choices=PROFILES, default=None,
+                        help="resolve under this profile (default: the spec as registered)")
+    p_show.add_argument("--epochs", type=int, default=None, help="override the epochs")
+    p_show.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a field, e.g. optim.lr=3e-4")
+
+    p_run = sub.add_parser("run", help="train and record runs in MLflow")
+    p_run.add_argument("spec", help="a registered name or a .toml file")
+    p_run.add_argument("--seeds", type=int, nargs="+", default=[0], help="default: 0")
+    p_run.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="override a field, e.g. optim.lr=3e-4")
+    p_run.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
+    p_run.add_argument("--study", default="runs",
+                       help="MLflow experiment to file the runs in (default: runs)")
+    add_common(p_run)
+    return parser
+
+
+def resolved(spec_name: str, overrides: list[str], profile: str | None, epochs: int | None,
+             data: str | None = None) -> ExperimentSpec:
+    spec = apply_overrides(resolve_spec(spec_name), parse_set(overrides))
+    if data is not None:
+        spec = replace(spec, data=replace(spec.data, source=data))
+    if profile is not None:
+        spec = apply_profile(spec, profile, epochs=epochs)
+    elif epochs is not None:
+        spec = apply_profile(spec, "full", epochs=epochs)
+    return spec
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "list":
+        names = list_specs(args.pattern)
+        width = max((len(n) for n in names), default=0)
+        for name in names:
+            print(f"{name:<{width}}  {SPECS[name].description}")
+        print("\nablations:")
+        for ablation in ABLATIONS.values():
+            print(f"  {ablation.name}: {', '.join(a.name for a in ablation.arms)}")
+        return 0
+    if args.command == "show":
+        spec = resolved(args.spec, args.overrides, args.profile, args.epochs)
+        print(to_json(spec))
+        print(f"spec_hash: {spec_hash(spec)}", file=sys.stderr)
+        return 0
+
+    profile, device = resolve_profile_and_device(args)
+    base = resolved(args.spec, args.overrides, profile, args.epochs, args.data)
+    failed = 0
+    for seed in args.seeds:
+        spec = replace(base, seed=seed)
+        outcome = run_experiment(spec, context=RunContext(study=args.study, profile=profile),
+                                 device=device)
+        psnr = outcome.metrics.get("val/psnr", float("nan"))
+        print(f"{spec.name} seed {seed}: run {outcome.run_id} {outcome.status} "
+              f"val/psnr {psnr:.2f} dB")
+        failed += outcome.status != "FINISHED"
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

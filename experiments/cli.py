@@ -1,0 +1,63 @@
+"""What every command shares: one-line errors with exit code 2, profile/device resolution."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable
+
+from cvae.data import DatasetError
+from experiments import tracking
+from experiments.registry import PROFILES, default_profile
+from experiments.runner import DEVICES, pick_device
+from experiments.spec import SpecError
+
+USER_ERRORS = (SpecError, DatasetError, tracking.TrackingError)
+
+
+def fail(message: str) -> int:
+    print(f"error: {tracking.mask_secrets(message)}", file=sys.stderr)
+    return 2
+
+
+def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Run ``main``; bad input becomes one line on stderr and exit code 2; SIGTERM is treated
+    like Ctrl-C so runs are marked KILLED rather than left RUNNING."""
+
+    def wrapper(argv: list[str] | None = None) -> int:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            return main(argv)
+        except USER_ERRORS as err:
+            return fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        except KeyboardInterrupt:
+            print("interrupted: the last checkpoint is saved; rerun the same command to resume",
+                  file=sys.stderr)
+            return 130
+
+    return wrapper
+
+
+def _raise_interrupt(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", choices=PROFILES, default=None,
+                        help="smoke (seconds) | cpu (minutes) | full (the lab's scale); "
+                             "default: full on CUDA, cpu otherwise")
+    parser.add_argument("--device", choices=DEVICES, default=None,
+                        help="default: cuda > mps > cpu")
+    parser.add_argument("--data", default=None, metavar="PATH",
+                        help="a lab-layout dataset folder (default: the synthetic dance data)")
+
+
+def resolve_profile_and_device(args: argparse.Namespace) -> tuple[str, str]:
+    device = pick_device(args.device)
+    profile = args.profile
+    if profile is None:
+        profile = default_profile(device)
+        print(f"profile: {profile} (chosen for device {device}; override with --profile)",
+              file=sys.stderr)
+    return profile, device

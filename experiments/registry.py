@@ -1,0 +1,274 @@
+"""Registered specs, named ablations, user TOML specs and profiles.
+
+Every registered spec is derived from another with ``dataclasses.replace``. A user adds a spec
+without touching the package with a TOML file::
+
+    base = "report_final"          # any registered name (or another .toml path)
+    name = "my_lr"                 # optional; defaults to the file's stem
+    [optim]
+    lr = 1e-4
+    [kl]
+    kind = "monotonic"
+
+accepted wherever a registered name is (``python -m experiments run my_lr.toml``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from experiments.spec import (
+    ConstantKL,
+    CyclicalKL,
+    DataSpec,
+    EvalSpec,
+    ExperimentSpec,
+    LRScheduleSpec,
+    ModelSpec,
+    MonotonicKL,
+    OptimSpec,
+    SpecError,
+    TeacherForcing,
+    TrainSpec,
+    apply_overrides,
+)
+
+# ---------------------------------------------------------------------------------------------
+# The specs
+# ---------------------------------------------------------------------------------------------
+LAB_TEMPLATE = ExperimentSpec(
+    name="lab_template",
+    description="The course template's defaults (identity output, Adam 1e-3, multistep LR, "
+                "70 epochs, TFR 1.0 decaying from epoch 10, cyclical KL 10 cycles ratio 1.0).",
+    model=ModelSpec(output_activation="identity", prior="standard_normal"),
+    data=DataSpec(),
+    kl=CyclicalKL(cycles=10, ratio=1.0, start=0.0, stop=1.0),
+    teacher_forcing=TeacherForcing(ratio=1.0, decay_start=10, decay_step=0.1),
+    optim=OptimSpec(kind="adam", lr=1e-3),
+    lr_schedule=LRScheduleSpec(kind="multistep", milestones=(2, 5), gamma=0.1),
+    train=TrainSpec(epochs=70, batch_size=2, grad_clip=1.0),
+    eval=EvalSpec(latent="prior_sample"),
+)
+
+REPORT_FINAL = replace(
+    LAB_TEMPLATE,
+    name="report_final",
+    description="The report's final model (Table 3): sigmoid output, AdamW 3e-4, cosine LR, "
+                "cyclical KL 40 cycles ratio 0.5 from 0.1, no teacher forcing, 400 epochs.",
+    model=replace(LAB_TEMPLATE.model, output_activation="sigmoid"),
+    kl=CyclicalKL(cycles=40, ratio=0.5, start=0.1, stop=1.0),
+    teacher_forcing=TeacherForcing(ratio=0.0, decay_start=10, decay_step=0.1),
+    optim=OptimSpec(kind="adamw", lr=3e-4, weight_decay=0.01),
+    lr_schedule=LRScheduleSpec(kind="cosine"),
+    train=replace(LAB_TEMPLATE.train, epochs=400),
+)
+
+
+def _arm(name: str, description: str, **changes: Any) -> ExperimentSpec:
+    return replace(REPORT_FINAL, name=name, description=description, **changes)
+
+
+SPECS: dict[str, ExperimentSpec] = {
+    spec.name: spec
+    for spec in [
+        LAB_TEMPLATE,
+        REPORT_FINAL,
+        _arm("kl_cyclical", "Table 2: cyclical KL, 40 cycles, ratio 0.5.",
+             kl=CyclicalKL(cycles=40, ratio=0.5, start=0.1, stop=1.0)),
+        _arm("kl_monotonic", "Table 2: monotonic KL (one cycle), ratio 0.5.",
+             kl=MonotonicKL(ratio=0.5, start=0.1, stop=1.0)),
+        _arm("kl_constant", "Table 2: constant KL, beta = 1 throughout.",
+             kl=ConstantKL(value=1.0)),
+        _arm("tfr_decay", "Teacher forcing ratio 1.0, decaying by 0.1 per epoch from epoch 10.",
+             teacher_forcing=TeacherForcing(ratio=1.0, decay_start=10, decay_step=0.1)),
+        _arm("tfr_off", "Teacher forcing disabled (ratio 0).",
+             teacher_forcing=TeacherForcing(ratio=0.0, decay_start=10, decay_step=0.1)),
+        _arm("sigmoid", "Sigmoid on the generator output (Section 3.4).",
+             model=replace(REPORT_FINAL.model, output_activation="sigmoid")),
+        _arm("identity", "No output activation, as the template.",
+             model=replace(REPORT_FINAL.model, output_activation="identity")),
+        _arm("prior_standard", "Fixed N(0, I) prior (the lab).",
+             model=replace(REPORT_FINAL.model, prior="standard_normal")),
+        _arm("prior_learned", "Learned prior p(z_t | x_{t-1}, P_t) (SVG-LP).",
+             model=replace(REPORT_FINAL.model, prior="learned")),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of an ablation: a spec and the group it is plotted in."""
+
+    name: str
+    spec: ExperimentSpec
+    group: str
+
+
+@dataclass(frozen=True)
+class Ablation:
+    name: str
+    arms: tuple[Arm, ...]
+    reference: str  # the arm the others are compared against
+    scientific: str  # the hyperparameter under study (tuning playbook vocabulary)
+
+
+def _simple(name: str, arm_names: list[str], scientific: str) -> Ablation:
+    arms = tuple(Arm(n, SPECS[n], n) for n in arm_names)
+    return Ablation(name, arms, arm_names[0], scientific)
+
+
+def _report_tfr_groups() -> Ablation:
+    arms = []
+    for tfr in ("tfr_decay", "tfr_off"):
+        for kl in ("kl_cyclical", "kl_monotonic", "kl_constant"):
+            spec = replace(SPECS[kl], name=f"{tfr}+{kl}",
+                           teacher_forcing=SPECS[tfr].teacher_forcing,
+                           description=f"{SPECS[tfr].description} {SPECS[kl].description}")
+            arms.append(Arm(spec.name, spec, tfr))
+    return Ablation("report_tfr_groups", tuple(arms), "tfr_decay+kl_cyclical",
+                    "teacher forcing (each group holds the three KL arms)")
+
+
+ABLATIONS: dict[str, Ablation] = {
+    a.name: a
+    for a in [
+        _simple("kl", ["kl_cyclical", "kl_monotonic", "kl_constant"], "KL annealing schedule"),
+        _simple("tfr", ["tfr_decay", "tfr_off"], "teacher forcing"),
+        _simple("output", ["identity", "sigmoid"], "output activation"),
+        _simple("prior", ["prior_standard", "prior_learned"], "prior"),
+        _report_tfr_groups(),
+    ]
+}
+
+
+def list_specs(pattern: str = "*") -> list[str]:
+    return sorted(n for n in SPECS if fnmatch.fnmatch(n, pattern))
+
+
+def get_ablation(name: str) -> Ablation:
+    if name not in ABLATIONS:
+        raise SpecError(f"unknown ablation {name!r}; valid: {', '.join(ABLATIONS)}")
+    return ABLATIONS[name]
+
+
+def _flatten_toml(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten_toml(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def load_toml_spec(path: str | Path) -> ExperimentSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: not valid TOML ({err})") from None
+    base = data.pop("base", None)
+    if base is None:
+        raise SpecError(f"{path}: needs a top-level `base = \"NAME\"`; registered: "
+                        f"{', '.join(SPECS)}")
+    name = str(data.pop("name", path.stem))
+    base_spec = resolve_spec(str(base))
+    overrides = _flatten_toml(data)
+    try:
+        return apply_overrides(replace(base_spec, name=name), overrides)
+    except SpecError as err:
+        raise SpecError(f"{path}: {err}") from None
+
+
+def resolve_spec(name_or_path: str) -> ExperimentSpec:
+    """A registered name or a ``.toml`` file; unknown names list the registered ones."""
+    if name_or_path.endswith(".toml"):
+        return load_toml_spec(name_or_path)
+    if name_or_path not in SPECS:
+        raise SpecError(f"unknown spec {name_or_path!r}; registered: {', '.join(SPECS)} "
+                        "(or a path to a .toml file)")
+    return SPECS[name_or_path]
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles
+# ---------------------------------------------------------------------------------------------
+ProfileName = Literal["smoke", "cpu", "full"]
+PROFILES: tuple[str, ...] = ("smoke", "cpu", "full")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a profile changes: data size, model width, epochs (and, with the epochs, the time
+    axis of epoch-indexed schedules). Never the science: losses, schedule shapes, protocol."""
+
+    name: str
+    synthetic_size: str  # cvae.data.synthetic size
+    model: dict[str, int]  # width overrides; empty = the spec's own
+    epochs: int | None  # cap; None = the spec's own
+    eval_every: int | None
+
+
+PROFILE_SETTINGS: dict[str, Profile] = {
+    "smoke": Profile("smoke", "smoke",
+                     {"frame_dim": 8, "label_dim": 4, "latent_dim": 4, "decoder_dim": 8},
+                     epochs=2, eval_every=1),
+    "cpu": Profile("cpu", "cpu",
+                   {"frame_dim": 32, "label_dim": 16, "latent_dim": 8, "decoder_dim": 48},
+                   epochs=16, eval_every=2),
+    "full": Profile("full", "full", {}, epochs=None, eval_every=None),
+}
+
+
+def default_profile(device: str) -> str:
+    return "full" if device == "cuda" else "cpu"
+
+
+def rescale_time(spec: ExperimentSpec, epochs: int) -> ExperimentSpec:
+    """Set ``train.epochs`` and keep every epoch-indexed schedule's shape over the run.
+
+    With s = epochs / spec epochs: KL cycles keep their length in epochs (cycles * s, at
+    least 1), teacher forcing starts decaying at the same fraction of training and decays as
+    fast per fraction (decay_start * s, decay_step / s), LR milestones scale by s.
+    Per-iteration KL schedules need nothing: they already follow the run's length.
+    """
+    if epochs == spec.train.epochs:
+        return spec
+    s = epochs / spec.train.epochs
+    kl = spec.kl
+    if isinstance(kl, CyclicalKL) and kl.per == "epoch":
+        kl = replace(kl, cycles=max(1, round(kl.cycles * s)))
+    tf = spec.teacher_forcing
+    tf = replace(tf, decay_start=int(round(tf.decay_start * s)),
+                 decay_step=min(1.0, tf.decay_step / s))
+    lr = spec.lr_schedule
+    lr = replace(lr, milestones=tuple(sorted({max(1, int(round(m * s))) for m in lr.milestones})))
+    return replace(spec, kl=kl, teacher_forcing=tf, lr_schedule=lr,
+                   train=replace(spec.train, epochs=epochs))
+
+
+def apply_profile(spec: ExperimentSpec, profile: str, *, epochs: int | None = None) -> ExperimentSpec:
+    """The spec as it runs under ``profile`` (``epochs`` overrides the profile's cap)."""
+    if profile not in PROFILE_SETTINGS:
+        raise SpecError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+    settings = PROFILE_SETTINGS[profile]
+    if settings.model:
+        spec = replace(spec, model=replace(spec.model, **settings.model))
+    target = epochs if epochs is not None else (
+        min(spec.train.epochs, settings.epochs) if settings.epochs else spec.train.epochs)
+    if target < 1:
+        raise SpecError(f"--epochs={target} must be >= 1")
+    spec = rescale_time(spec, target)
+    if settings.eval_every:
+        spec = replace(spec, eval=replace(spec.eval, every=min(settings.eval_every, target)))
+    return spec
+
+
+def synthetic_size(profile: str) -> str:
+    return PROFILE_SETTINGS[profile].synthetic_size

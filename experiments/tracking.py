@@ -1,0 +1,111 @@
+"""MLflow plumbing: where runs go, how they are found again, and secrets kept out of them.
+
+Defaults (DESIGN.md): tracking ``sqlite:///mlruns/mlflow.db`` under the working directory,
+artifacts in ``mlruns/artifacts``; ``MLFLOW_TRACKING_URI`` overrides (a server included).
+Experiments are created once and runs started with ``experiment_id`` (concurrent
+``set_experiment`` misfiles runs).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+MLRUNS = Path("mlruns")
+TAG_KEYS = ("study", "arm", "group", "seed", "spec_hash", "profile", "device", "git_commit")
+_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<secret>[^@\s]*)@")
+
+
+class TrackingError(RuntimeError):
+    """The tracking store (or another storage) cannot be reached or written."""
+
+
+def mask_secrets(text: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db`` anywhere in text."""
+    return _PASSWORD.sub(lambda m: f"{m.group('head')}***@", str(text))
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{MLRUNS}/mlflow.db"
+
+
+def artifact_root() -> str:
+    return (MLRUNS / "artifacts").resolve().as_uri()
+
+
+def configure() -> str:
+    """Point mlflow at the tracking store; create the local folder for the SQLite default."""
+    import mlflow
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TrackingError(f"cannot create {path.parent}: {err.strerror}") from None
+        if not os.access(path.parent, os.W_OK):
+            raise TrackingError(f"tracking folder {path.parent} is not writable")
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def get_or_create_experiment(name: str, *, retries: int = 3) -> str:
+    """Experiment id for ``name``, created once (with our artifact root for a local store)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    last: Exception | None = None
+    for attempt in range(retries):
+        try:
+            client = MlflowClient()
+            found = client.get_experiment_by_name(name)
+            if found is not None:
+                if found.lifecycle_stage == "deleted":
+                    client.restore_experiment(found.experiment_id)
+                return found.experiment_id
+            location = artifact_root() if tracking_uri().startswith("sqlite:") else None
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException as err:
+            last = err
+            if "already exists" in str(err) or "UNIQUE" in str(err):
+                continue  # another process created it between our look and our create
+            time.sleep(0.5 * 2**attempt)
+        except Exception as err:  # connection errors come in many types
+            last = err
+            time.sleep(0.5 * 2**attempt)
+    raise TrackingError(f"tracking store {mask_secrets(tracking_uri())} unreachable: "
+                        f"{mask_secrets(_first_line(last))}")
+
+
+def _first_line(err: Exception | None) -> str:
+    return str(err).strip().splitlines()[0] if err and str(err).strip() else type(err).__name__
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=False)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def find_runs(experiment_id: str, *, spec_hash: str, seed: int) -> list[Any]:
+    """Runs of this (spec_hash, seed) in the experiment, newest first."""
+    from mlflow.tracking import MlflowClient
+
+    query = f"tags.spec_hash = '{spec_hash}' and tags.seed = '{seed}'"
+    return MlflowClient().search_runs([experiment_id], filter_string=query,
+                                      order_by=["attribute.start_time DESC"], max_results=50)
+
+
+def last_logged_step(run_id: str, key: str = "train/loss") -> int:
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient().get_metric_history(run_id, key)
+    return max((m.step for m in history), default=-1)
