@@ -62,7 +62,7 @@ def load_lab_checkpoint(
         blob = path_or_state_dict
     else:
         blob = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
-    state = blob["state_dict"] if "state_dict" in blob else blob
+    state = blob.get("state_dict", blob)
     options = {**lab_dims(state), **model_options}
     model = VideoCVAE(**options)
     inverse = {lab: ours for ours, lab in LAB_PREFIXES.items()}
@@ -89,3 +89,18 @@ def save_lab_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(blob, path)
     return path
+
+
+def save_training_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write a resumable checkpoint atomically (temp file + rename): a crash mid-write never
+    replaces a good checkpoint with a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(dict(state_dict), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_training_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
+    return torch.load(path, map_location=map_location, weights_only=True)
