@@ -46,6 +46,7 @@ def lab_dims(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
         "label_dim": state["label_transformation.4.conv1.weight"].shape[0],
         "latent_dim": state["Gaussian_Predictor.6.weight"].shape[0] // 2,
         "decoder_dim": state["Decoder_Fusion.5.weight"].shape[0],
+        "encoder_width": state["frame_transformation.0.conv1.weight"].shape[0],
     }
 
 

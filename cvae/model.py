@@ -1,5 +1,8 @@
 """The lab's pose-conditioned video CVAE, layer for layer.
 
+``encoder_width`` (16 in the lab) scales the frame encoder's internal channels (w, 2w, 4w) so
+small profiles can shrink the whole model, not only the named dims.
+
 Every convolution is stride 1 with "same" padding, so features and the latent stay at frame
 resolution: frames (B, 3, H, W), frame features (B, F, H, W), label features (B, L, H, W),
 latent z (B, N, H, W). At the lab dims (F=128, L=32, N=12, D=192) the model has 1,585,620
@@ -89,12 +92,14 @@ def _lab_identity() -> nn.LeakyReLU:
     return nn.LeakyReLU(1.0)
 
 
-def frame_encoder(out_ch: int) -> nn.Sequential:
+def frame_encoder(out_ch: int, width: int = 16) -> nn.Sequential:
+    """The lab's widths are (16, 32, 64): ``width`` = 16."""
+    w1, w2, w3 = width, 2 * width, 4 * width
     return nn.Sequential(
-        ResidualBlock(3, 16), DepthConvBlock(16, 16),
-        ResidualBlock(16, 32), DepthConvBlock(32, 32),
-        ResidualBlock(32, 64), DepthConvBlock(64, 64),
-        _conv(64, out_ch, 3),
+        ResidualBlock(3, w1), DepthConvBlock(w1, w1),
+        ResidualBlock(w1, w2), DepthConvBlock(w2, w2),
+        ResidualBlock(w2, w3), DepthConvBlock(w3, w3),
+        _conv(w3, out_ch, 3),
     )
 
 
@@ -156,6 +161,7 @@ class VideoCVAE(nn.Module):
         label_dim: int = 32,
         latent_dim: int = 12,
         decoder_dim: int = 192,
+        encoder_width: int = 16,
         output_activation: OutputActivation = "sigmoid",
         prior: PriorKind = "standard_normal",
     ):
@@ -166,13 +172,14 @@ class VideoCVAE(nn.Module):
             )
         if prior not in PRIOR_KINDS:
             raise ValueError(f"prior={prior!r}; choose one of {PRIOR_KINDS}")
-        if latent_dim < 4 or label_dim < 2 or decoder_dim < 8:
-            raise ValueError("need latent_dim >= 4, label_dim >= 2, decoder_dim >= 8")
+        if latent_dim < 4 or label_dim < 2 or decoder_dim < 8 or encoder_width < 1:
+            raise ValueError(
+                "need latent_dim >= 4, label_dim >= 2, decoder_dim >= 8, encoder_width >= 1")
         self.output_activation = output_activation
         self.prior_kind = prior
         self.latent_dim = latent_dim
         fused = frame_dim + label_dim + latent_dim
-        self.frame_encoder = frame_encoder(frame_dim)
+        self.frame_encoder = frame_encoder(frame_dim, encoder_width)
         self.label_encoder = label_encoder(label_dim)
         self.posterior_head = gaussian_head(frame_dim + label_dim, latent_dim)
         self.decoder_fusion = decoder_fusion(fused, decoder_dim)
