@@ -1,8 +1,10 @@
 """Rollout, training step, evaluation and the ``fit`` loop.
 
-One rollout function serves training and evaluation: teacher forcing and the latent source
-(``posterior`` | ``prior_sample`` | ``prior_mean``) are arguments. Data arrive as uint8 tensors
-(decoded once, see ``cvae.data``) and are scaled to [0, 1] on the device.
+One frame step (``_predict``) serves the training rollout (``rollout``) and closed-loop
+generation (``generate``, which ``evaluate`` and ``cvae.submission`` use): teacher forcing and
+the latent source (``posterior`` | ``prior_sample`` | ``prior_mean``) are arguments. Data
+arrive as uint8 tensors (decoded once, see ``cvae.data``) and are scaled to [0, 1] on the
+device.
 
 Randomness (clip shuffling, teacher-forcing draws, eps) comes from explicit ``torch.Generator``s
 whose states go into checkpoints, so a resumed run continues the very same random stream.
@@ -36,6 +38,9 @@ OptimizerKind = Literal["adam", "adamw"]
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
 LRScheduleKind = Literal["multistep", "cosine", "constant"]
 LR_SCHEDULES: tuple[str, ...] = ("multistep", "cosine", "constant")
+
+
+Gaussian = tuple[torch.Tensor, torch.Tensor]  # (mu, logvar), each (B, N, H, W)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,17 +87,23 @@ def _predict(
     label_features: torch.Tensor,
     *,
     latent: LatentSource,
-    posterior: tuple[torch.Tensor, torch.Tensor] | None,
+    truth_features: torch.Tensor | None,
     generator: torch.Generator | None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """One frame step shared by training and generation: prior, z, decode.
+) -> tuple[torch.Tensor, Gaussian, Gaussian | None]:
+    """One frame step, shared by training (``rollout``) and generation (``generate``).
 
-    prev_features (B, F, H, W), label_features (B, L, H, W) -> (x_hat (B, 3, H, W), prior).
+    prev_features (B, F, H, W), label_features (B, L, H, W); truth_features (B, F, H, W) are
+    the current ground-truth frame's features for the posterior (None when generating).
+    Returns x_hat (B, 3, H, W), the prior (mu, logvar) and the posterior (mu, logvar) or None.
     """
     prior = model.prior_from_features(prev_features, label_features)
+    posterior = (
+        model.posterior_from_features(truth_features, label_features)
+        if truth_features is not None else None
+    )
     z = _latent(model, latent, posterior=posterior, prior=prior, generator=generator)
     x_hat = model.activate(model.decode_from_features(prev_features, label_features, z))
-    return x_hat, prior
+    return x_hat, prior, posterior
 
 
 def rollout(
@@ -131,13 +142,10 @@ def rollout(
         prev_features = prev_all[:, t - 1] if teacher_forcing else model.frame_encoder(prev)
         if detach_prev:
             prev_features = prev_features.detach()
-        label_t = label_features[:, t]
-        posterior = (
-            model.posterior_from_features(truth_features[:, t - 1], label_t)
-            if need_posterior else None
-        )
-        x_hat, prior = _predict(model, prev_features, label_t, latent=latent,
-                                posterior=posterior, generator=generator)
+        x_hat, prior, posterior = _predict(
+            model, prev_features, label_features[:, t], latent=latent,
+            truth_features=truth_features[:, t - 1] if need_posterior else None,
+            generator=generator)
         predictions.append(x_hat)
         mses.append(reconstruction_mse(x_hat, frames[:, t]))
         if compute_kl:
@@ -292,8 +300,8 @@ def generate(
         outputs = [prev]
         for t in range(1, pose.shape[0]):
             label_t = label_features[t : t + 1].expand(n, -1, -1, -1)
-            prev, _ = _predict(model, model.frame_encoder(prev), label_t, latent=latent,
-                               posterior=None, generator=generator)
+            prev, _, _ = _predict(model, model.frame_encoder(prev), label_t, latent=latent,
+                                  truth_features=None, generator=generator)
             outputs.append(prev)
         return torch.stack(outputs, dim=1)  # (n, L, 3, H, W)
     finally:
@@ -401,8 +409,9 @@ class FitState:
     def load_state_dict(self, blob: dict[str, Any]) -> None:
         self.model.load_state_dict(blob["model"])
         self.optimizer.load_state_dict(blob["optimizer"])
-        self.data_generator.set_state(blob["data_rng"])
-        self.noise_generator.set_state(blob["noise_rng"])
+        # Generator states must be CPU ByteTensors, whatever map_location the blob was read with.
+        self.data_generator.set_state(blob["data_rng"].cpu())
+        self.noise_generator.set_state(blob["noise_rng"].cpu())
         self.epoch = int(blob["epoch"])
         self.best_val_psnr = float(blob["best_val_psnr"])
         self.best_epoch = int(blob["best_epoch"])

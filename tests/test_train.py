@@ -1,0 +1,282 @@
+"""The training loop on tiny CPU data: determinism, exact resume, learning, failure paths,
+best-of-N evaluation and the learned prior."""
+
+import copy
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cvae.checkpoints import load_training_checkpoint, save_training_checkpoint
+from cvae.metrics import psnr_per_frame
+from cvae.model import VideoCVAE
+from cvae.schedules import ConstantKL, CyclicalKL, TeacherForcing
+from cvae.train import (
+    FitConfig,
+    FitState,
+    Hooks,
+    NonFiniteLossError,
+    copy_first_floor,
+    evaluate,
+    fit,
+    generate,
+    new_fit_state,
+    to_unit,
+)
+
+DIMS = {"frame_dim": 16, "label_dim": 8, "latent_dim": 4, "decoder_dim": 16}
+H, W = 8, 16
+
+# Teacher forcing drawn per batch with probability 0.5, a per-iteration cyclical beta, a cosine
+# lr and a sampled best-of-2 validation: every random stream and schedule matters on resume.
+CONFIG = FitConfig(
+    epochs=4, batch_size=2, lr=2e-3, lr_schedule="cosine",
+    kl=CyclicalKL(cycles=2, ratio=0.5, start=0.1, stop=1.0, per="iteration"),
+    teacher_forcing=TeacherForcing(ratio=0.5, decay_start=0, decay_step=0.1, mode="batch"),
+    eval_every=1, eval_latent="prior_sample", eval_samples=2,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tiny model is per-op-overhead bound: one thread is faster and immune to a busy box.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def square_video(length: int, *, size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """A white square bouncing over a dark-grey frame; its label is the same square in red on
+    white. (L, 3, H, W) uint8 each: the label says where the square is, the frame its look."""
+    frames = torch.full((length, 3, H, W), 0.2)
+    labels = torch.ones(length, 3, H, W)
+    red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    period = 2 * (W - size)
+    for i in range(length):
+        x = i % period
+        x = x if x <= W - size else period - x
+        y = (i // 3) % (H - size + 1)
+        frames[i, :, y : y + size, x : x + size] = 1.0
+        labels[i, :, y : y + size, x : x + size] = red
+    return (frames * 255).round().to(torch.uint8), (labels * 255).round().to(torch.uint8)
+
+
+def toy_data(clips: int, clip_length: int, val_length: int):
+    frames, labels = square_video(clips * clip_length + val_length + 7)
+    n = clips * clip_length
+    shape = (clips, clip_length, 3, H, W)
+    val = slice(n + 7, n + 7 + val_length)  # a stretch the clips do not cover
+    return (frames[:n].reshape(shape), labels[:n].reshape(shape), frames[val], labels[val])
+
+
+DATA = toy_data(clips=6, clip_length=5, val_length=10)  # 3 batches per epoch
+
+
+class Recorder(Hooks):
+    def __init__(self):
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+
+def build(seed: int, config: FitConfig = CONFIG, **model_options) -> FitState:
+    torch.manual_seed(seed)
+    model = VideoCVAE(**{**DIMS, **model_options})
+    return new_fit_state(model, config, seed=seed)
+
+
+def run(state: FitState, config: FitConfig = CONFIG, data=DATA, stop_at: int | None = None):
+    recorder = Recorder()
+    fit(state, *data, config, hooks=recorder,
+        should_stop=lambda: stop_at is not None and state.epoch >= stop_at)
+    return recorder.logged
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+
+
+def assert_same_optimizer_state(a: torch.optim.Optimizer, b: torch.optim.Optimizer):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for index in sa["state"]:
+        assert_same_tensors(sa["state"][index], sb["state"][index])
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) determinism
+# ---------------------------------------------------------------------------------------------
+def test_same_seed_same_run_and_another_seed_differs():
+    config = replace(CONFIG, epochs=1)
+    first, second, other = build(0, config), build(0, config), build(1, config)
+    logs = [run(first, config), run(second, config), run(other, config)]
+    assert logs[0] == logs[1]
+    assert_same_tensors(first.model.state_dict(), second.model.state_dict())
+    assert logs[0] != logs[2]
+    assert not torch.equal(first.model.generator[-1].weight, other.model.generator[-1].weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) resume equals straight
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def straight_run():
+    """CONFIG's 4 epochs in one go, shared by the resume tests."""
+    straight = build(0)
+    return straight, run(straight)
+
+
+def test_resume_equals_straight(tmp_path, straight_run):
+    straight, straight_log = straight_run
+    assert [step for step, _ in straight_log] == [0, 1, 2, 3]
+
+    first = build(0)
+    first_log = run(first, stop_at=2)
+    assert first.epoch == 2 and [step for step, _ in first_log] == [0, 1]
+    path = save_training_checkpoint(first.state_dict(), tmp_path / "run" / "last.pt")
+
+    resumed = build(12345)  # other weights and RNG streams: loading must replace all of them
+    assert not torch.equal(resumed.model.generator[-1].weight, first.model.generator[-1].weight)
+    resumed.load_state_dict(load_training_checkpoint(path))
+    assert resumed.epoch == 2 and resumed.last_metrics == first_log[-1][1]
+    resumed_log = run(resumed)
+
+    assert first_log + resumed_log == straight_log  # exact float equality, every metric
+    assert_same_tensors(resumed.model.state_dict(), straight.model.state_dict())  # + BN buffers
+    assert_same_optimizer_state(resumed.optimizer, straight.optimizer)
+    assert torch.equal(resumed.data_generator.get_state(), straight.data_generator.get_state())
+    assert torch.equal(resumed.noise_generator.get_state(), straight.noise_generator.get_state())
+    assert (resumed.best_val_psnr, resumed.best_epoch) == (
+        straight.best_val_psnr, straight.best_epoch)
+
+
+def test_resume_without_rng_state_diverges(straight_run):
+    """The resume test above can fail: dropping the RNG streams changes the continuation."""
+    _, straight_log = straight_run
+    first = build(0)
+    first_log = run(first, stop_at=2)
+    blob = first.state_dict()
+    resumed = build(12345)
+    blob["data_rng"] = resumed.data_generator.get_state()
+    blob["noise_rng"] = resumed.noise_generator.get_state()
+    resumed.load_state_dict(blob)
+    assert first_log + run(resumed) != straight_log
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) it learns
+# ---------------------------------------------------------------------------------------------
+def test_short_fit_learns_the_toy_video():
+    clips, clip_labels, val_frames, val_labels = toy_data(clips=8, clip_length=5, val_length=16)
+    config = FitConfig(epochs=16, batch_size=2, lr=5e-3, lr_schedule="constant",
+                       kl=ConstantKL(1e-4), teacher_forcing=TeacherForcing(ratio=0.0),
+                       eval_every=16, eval_latent="prior_mean")
+    state = build(0, config)
+    logged = run(state, config, data=(clips, clip_labels, val_frames, val_labels))
+    psnr = logged[-1][1]["val/psnr"]
+    floor = float(copy_first_floor(val_frames).mean())
+    truth = to_unit(val_frames)[1:]
+    background = torch.full_like(truth, 0.2)  # a model that only learned the empty studio
+    background_psnr = float(psnr_per_frame(background, truth).mean())
+    assert psnr > floor + 5.0, (psnr, floor)
+    assert psnr > background_psnr + 5.0, (psnr, background_psnr)  # it draws the square
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) non-finite loss
+# ---------------------------------------------------------------------------------------------
+def test_absurd_learning_rate_raises_non_finite_loss():
+    config = FitConfig(epochs=1, batch_size=2, lr=1e6, lr_schedule="constant",
+                       teacher_forcing=TeacherForcing(ratio=0.0))
+    data = toy_data(clips=4, clip_length=4, val_length=6)  # 2 batches: the 2nd sees the wreck
+    state = build(0, config)
+    recorder = Recorder()
+    with pytest.raises(NonFiniteLossError, match="epoch 0"):
+        fit(state, *data, config, hooks=recorder)
+    assert recorder.logged == [] and state.epoch == 0  # nothing logged, no epoch counted
+    # The weights really went non-finite (the error is not a false alarm).
+    assert not all(torch.isfinite(p).all() for p in state.model.parameters())
+
+    sane = replace(config, lr=1e-3)
+    run(build(0, sane), sane, data=data)  # the same run at a sane lr does not raise
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) evaluation: best-of-N and the deterministic prior mean
+# ---------------------------------------------------------------------------------------------
+def _sample_by_hand(model: VideoCVAE, frames, labels, eps_steps, index):
+    """Sample ``index`` of a batched prior rollout, one frame at a time with its own eps."""
+    truth, pose = to_unit(frames), to_unit(labels)
+    prev, outputs = truth[0:1], [truth[0]]
+    with torch.no_grad():
+        for t in range(1, truth.shape[0]):
+            z = eps_steps[t - 1][index : index + 1]  # N(0, I) prior: z = 0 + 1 * eps
+            prev = model.decode(prev, pose[t : t + 1], z)
+            outputs.append(prev[0])
+    return torch.stack(outputs)
+
+
+def test_best_of_samples_is_the_best_of_the_individual_samples():
+    _, _, frames, labels = DATA
+    model = build(0).model.eval()
+    seed, n = 7, 3
+    result = evaluate(model, frames, labels, latent="prior_sample", samples=n,
+                      generator=torch.Generator().manual_seed(seed))
+    # The same generator state, replayed: step t draws eps of shape (n, N, H, W).
+    replay = torch.Generator().manual_seed(seed)
+    eps_steps = [torch.randn((n, DIMS["latent_dim"], H, W), generator=replay)
+                 for _ in range(frames.shape[0] - 1)]
+    singles = [_sample_by_hand(model, frames, labels, eps_steps, k) for k in range(n)]
+    truth = to_unit(frames)
+    single_psnrs = [float(psnr_per_frame(s[1:], truth[1:]).mean()) for s in singles]
+    assert max(single_psnrs) - min(single_psnrs) > 1e-3  # the samples do differ
+    for value in single_psnrs:
+        assert result.psnr >= value - 1e-6
+    best = max(range(n), key=single_psnrs.__getitem__)
+    assert result.psnr == pytest.approx(single_psnrs[best], abs=1e-6)
+    torch.testing.assert_close(result.predictions, singles[best], atol=1e-5, rtol=0)
+    assert result.psnr_per_frame.shape == (frames.shape[0] - 1,)
+    assert torch.equal(result.predictions[0], truth[0])
+
+
+def test_prior_mean_is_deterministic_and_draws_no_noise():
+    _, _, frames, labels = DATA
+    model = build(0).model
+    model.train()
+    generator = torch.Generator().manual_seed(3)
+    before = generator.get_state()
+    a = evaluate(model, frames, labels, latent="prior_mean", samples=3, generator=generator)
+    b = evaluate(model, frames, labels, latent="prior_mean",
+                 generator=torch.Generator().manual_seed(99))
+    assert torch.equal(a.predictions, b.predictions) and a.psnr == b.psnr
+    assert torch.equal(generator.get_state(), before)
+    assert model.training  # evaluation restores the caller's mode
+    sampled = generate(model, frames[0], labels, latent="prior_sample", samples=2,
+                       generator=torch.Generator().manual_seed(3))
+    assert sampled.shape == (2, *frames.shape)
+    assert not torch.equal(sampled[0], sampled[1])
+    with pytest.raises(ValueError, match="prior_mean"):
+        evaluate(model, frames, labels, latent="posterior")
+
+
+# ---------------------------------------------------------------------------------------------
+# (f) learned prior
+# ---------------------------------------------------------------------------------------------
+def test_learned_prior_trains():
+    config = replace(CONFIG, epochs=1)
+    state = build(0, config, prior="learned")
+    prior_before = copy.deepcopy(state.model.prior_head.state_dict())
+    logged = run(state, config)
+    metrics = logged[-1][1]
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert metrics["train/kl"] > 0
+    # The prior head only enters the loss through KL(q || p): it moved, so that path trains.
+    changed = [not torch.equal(prior_before[k], v)
+               for k, v in state.model.prior_head.state_dict().items()]
+    assert any(changed)
