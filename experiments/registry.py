@@ -217,11 +217,13 @@ class Profile:
 
 PROFILE_SETTINGS: dict[str, Profile] = {
     "smoke": Profile("smoke", "smoke",
-                     {"frame_dim": 8, "label_dim": 4, "latent_dim": 4, "decoder_dim": 8},
+                     {"frame_dim": 8, "label_dim": 4, "latent_dim": 4, "decoder_dim": 8,
+                      "encoder_width": 4},
                      epochs=2, eval_every=1),
     "cpu": Profile("cpu", "cpu",
-                   {"frame_dim": 32, "label_dim": 16, "latent_dim": 8, "decoder_dim": 48},
-                   epochs=16, eval_every=2),
+                   {"frame_dim": 32, "label_dim": 16, "latent_dim": 8, "decoder_dim": 48,
+                    "encoder_width": 8},
+                   epochs=8, eval_every=2),
     "full": Profile("full", "full", {}, epochs=None, eval_every=None),
 }
 

@@ -81,7 +81,8 @@ def fit_config(spec: ExperimentSpec) -> FitConfig:
 def build_model(spec: ExperimentSpec) -> VideoCVAE:
     m = spec.model
     return VideoCVAE(frame_dim=m.frame_dim, label_dim=m.label_dim, latent_dim=m.latent_dim,
-                     decoder_dim=m.decoder_dim, output_activation=m.output_activation,
+                     decoder_dim=m.decoder_dim, encoder_width=m.encoder_width,
+                     output_activation=m.output_activation,
                      prior=m.prior)
 
 

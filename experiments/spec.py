@@ -42,13 +42,14 @@ class ModelSpec:
     label_dim: int = 32
     latent_dim: int = 12
     decoder_dim: int = 192
+    encoder_width: int = 16
     output_activation: Literal["sigmoid", "identity"] = "identity"
     prior: Literal["standard_normal", "learned"] = "standard_normal"
 
     def __post_init__(self) -> None:
         _choice(self.output_activation, "model.output_activation", OUTPUT_ACTIVATIONS)
         _choice(self.prior, "model.prior", PRIOR_KINDS)
-        for name in ("frame_dim", "label_dim", "latent_dim", "decoder_dim"):
+        for name in ("frame_dim", "label_dim", "latent_dim", "decoder_dim", "encoder_width"):
             _positive(getattr(self, name), f"model.{name}")
         if self.latent_dim < 4 or self.decoder_dim < 8 or self.label_dim < 2:
             raise SpecError("model needs latent_dim >= 4, decoder_dim >= 8 and label_dim >= 2")
@@ -197,7 +198,9 @@ def from_dict(data: dict[str, Any]) -> ExperimentSpec:
 
 
 def _coerce_section(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
-    valid = {f.name: f for f in fields(cls) if f.name != "kind"}
+    # A KL variant's ``kind`` is its type, chosen separately; other sections' ``kind`` is data.
+    is_kl = cls in KL_KINDS.values()
+    valid = {f.name: f for f in fields(cls) if not (is_kl and f.name == "kind")}
     out = {}
     for key, value in values.items():
         if key not in valid:

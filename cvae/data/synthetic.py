@@ -45,7 +45,7 @@ class SyntheticSize:
 SIZES: dict[str, SyntheticSize] = {
     "smoke": SyntheticSize(train_frames=160, train_video_frames=80, val_frames=48,
                            test_sequences=5, test_frames=48),
-    "cpu": SyntheticSize(train_frames=2_400, train_video_frames=300, val_frames=630,
+    "cpu": SyntheticSize(train_frames=1_600, train_video_frames=320, val_frames=630,
                          test_sequences=5, test_frames=630),
     "full": SyntheticSize(train_frames=23_410, train_video_frames=900, val_frames=630,
                           test_sequences=5, test_frames=630),
@@ -559,7 +559,9 @@ def default_root(*, size: Size, seed: int = 0, height: int = 32, width: int = 64
     """Where `ensure_synthetic` caches a dataset: under $CVAE_DATA_DIR if set, else
     ~/.cache/cvae-ablate/synthetic, in a folder named after every option that changes it."""
     parent = os.environ.get("CVAE_DATA_DIR") or Path.home() / ".cache" / "cvae-ablate" / "synthetic"
-    return Path(parent).expanduser() / f"{size}-s{seed}-{height}x{width}"
+    counts = SIZES[size]
+    return Path(parent).expanduser() / (
+        f"{size}-{counts.train_frames}f{counts.val_frames}v-s{seed}-{height}x{width}")
 
 
 def is_complete(root: str | os.PathLike) -> bool:
@@ -605,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write the synthetic dance dataset in the lab's folder layout.")
     parser.add_argument("--out", type=Path, required=True, help="folder to create (must not exist)")
     parser.add_argument("--size", choices=list(SIZES), default="cpu",
-                        help="smoke: seconds; cpu: ~2,400 train frames; full: the lab's counts")
+                        help="smoke: seconds; cpu: 1,600 train frames; full: the lab's counts")
     parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files")
     parser.add_argument("--height", type=_positive, default=32, help="frame height in pixels")
     parser.add_argument("--width", type=_positive, default=64, help="frame width in pixels")

@@ -1,0 +1,54 @@
+"""Shared fixtures: a pre-initialised MLflow SQLite store copied per test (creating the
+tables takes seconds; copying a file takes milliseconds), and the environment that points
+the CLI at it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_template_db(tmp_path_factory) -> Path:
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking_store(tmp_path, mlflow_template_db, monkeypatch) -> str:
+    """A fresh MLflow store in tmp_path/mlruns; cwd is tmp_path so reports land there too."""
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    shutil.copy(mlflow_template_db, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess: this checkout importable, one thread (determinism
+    and speed on a shared 2-core machine)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=cli_env(**env),
+                          capture_output=True, text=True, timeout=timeout, check=False)

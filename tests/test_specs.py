@@ -1,0 +1,130 @@
+"""Specs, registry, overrides, TOML specs and profiles: pure and fast."""
+
+from dataclasses import replace
+
+import pytest
+
+from experiments.registry import (
+    ABLATIONS,
+    LAB_TEMPLATE,
+    REPORT_FINAL,
+    SPECS,
+    apply_profile,
+    list_specs,
+    resolve_spec,
+)
+from experiments.spec import (
+    CyclicalKL,
+    SpecError,
+    apply_overrides,
+    flatten,
+    from_json,
+    parse_set,
+    spec_hash,
+    to_json,
+)
+
+
+def test_report_arms_carry_the_reports_settings():
+    assert SPECS["kl_cyclical"].kl == CyclicalKL(cycles=40, ratio=0.5, start=0.1, stop=1.0)
+    assert SPECS["kl_monotonic"].kl.kind == "monotonic" and SPECS["kl_monotonic"].kl.ratio == 0.5
+    assert SPECS["kl_constant"].kl.kind == "constant" and SPECS["kl_constant"].kl.value == 1.0
+    assert SPECS["tfr_off"].teacher_forcing.ratio == 0.0
+    tfr = SPECS["tfr_decay"].teacher_forcing
+    assert (tfr.ratio, tfr.decay_start, tfr.decay_step) == (1.0, 10, 0.1)
+    final = REPORT_FINAL
+    assert (final.optim.kind, final.optim.lr, final.lr_schedule.kind, final.train.epochs,
+            final.train.batch_size, final.teacher_forcing.ratio,
+            final.model.output_activation) == ("adamw", 3e-4, "cosine", 400, 2, 0.0, "sigmoid")
+    lab = LAB_TEMPLATE
+    assert (lab.optim.kind, lab.optim.lr, lab.lr_schedule.milestones, lab.train.epochs,
+            lab.kl.cycles, lab.kl.ratio, lab.model.output_activation) == (
+        "adam", 1e-3, (2, 5), 70, 10, 1.0, "identity")
+
+
+def test_ablations_list_their_arms_and_groups():
+    assert [a.name for a in ABLATIONS["kl"].arms] == ["kl_cyclical", "kl_monotonic", "kl_constant"]
+    groups = ABLATIONS["report_tfr_groups"]
+    assert len(groups.arms) == 6
+    assert {a.group for a in groups.arms} == {"tfr_decay", "tfr_off"}
+    off = [a for a in groups.arms if a.group == "tfr_off"]
+    assert all(a.spec.teacher_forcing.ratio == 0.0 for a in off)
+    assert {a.spec.kl.kind for a in off} == {"cyclical", "monotonic", "constant"}
+
+
+def test_hash_excludes_seed_and_name_but_not_science():
+    base = SPECS["kl_cyclical"]
+    assert spec_hash(base) == spec_hash(replace(base, seed=7, name="other"))
+    assert spec_hash(base) != spec_hash(apply_overrides(base, {"optim.lr": "1e-4"}))
+    assert spec_hash(base) == spec_hash(SPECS["kl_cyclical"])  # stable across calls
+
+
+def test_json_round_trip_and_flatten():
+    for spec in SPECS.values():
+        assert from_json(to_json(spec)) == spec
+    flat = flatten(SPECS["kl_monotonic"])
+    assert flat["kl.kind"] == "monotonic" and flat["optim.lr"] == 3e-4
+    assert "kl.cycles" not in flat  # a conditional parameter lives on its variant only
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("optim.lr", "-1", "optim.lr=-1.0 must be > 0"),
+    ("optim.lr", "0", "must be > 0"),
+    ("kl.ratio", "0", "kl.ratio=0.0 must be in (0, 1]"),
+    ("kl.ratio", "1.5", "must be in (0, 1]"),
+    ("kl.cycles", "0", "kl.cycles=0 must be >= 1"),
+    ("train.epochs", "0", "train.epochs=0 must be >= 1"),
+    ("teacher_forcing.ratio", "2", "must be in [0, 1]"),
+    ("optim.kind", "sgd", "choose one of: adam, adamw"),
+    ("train.epochs", "ten", "is not an integer"),
+    ("optim.lr", "fast", "is not a number"),
+    ("optim.lrr", "1", "unknown key 'optim.lrr'; valid keys:"),
+])
+def test_bad_overrides_fail_with_one_line(key, value, message):
+    with pytest.raises(SpecError) as info:
+        apply_overrides(SPECS["kl_cyclical"], {key: value})
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_kl_kind_switch_carries_shared_fields_and_rejects_foreign_ones():
+    spec = apply_overrides(SPECS["kl_cyclical"], {"kl.kind": "monotonic"})
+    assert spec.kl.kind == "monotonic" and spec.kl.ratio == 0.5 and spec.kl.start == 0.1
+    with pytest.raises(SpecError, match="unknown key kl.cycles"):
+        apply_overrides(SPECS["kl_constant"], {"kl.cycles": "3"})
+
+
+def test_parse_set_needs_equals():
+    assert parse_set(["optim.lr=3e-4"]) == {"optim.lr": "3e-4"}
+    with pytest.raises(SpecError, match="expected key=value"):
+        parse_set(["optim.lr"])
+
+
+def test_toml_spec_and_typo(tmp_path):
+    good = tmp_path / "mine.toml"
+    good.write_text('base = "report_final"\n[optim]\nlr = 1e-4\n[kl]\nkind = "monotonic"\n')
+    spec = resolve_spec(str(good))
+    assert spec.name == "mine" and spec.optim.lr == 1e-4 and spec.kl.kind == "monotonic"
+    typo = tmp_path / "typo.toml"
+    typo.write_text('base = "report_final"\n[optim]\nlrate = 1e-4\n')
+    with pytest.raises(SpecError, match="unknown key 'optim.lrate'"):
+        resolve_spec(str(typo))
+    with pytest.raises(SpecError, match="unknown spec 'nope'; registered:"):
+        resolve_spec("nope")
+
+
+def test_profiles_change_size_not_science():
+    full = SPECS["kl_cyclical"]
+    cpu = apply_profile(full, "cpu")
+    assert cpu.model.frame_dim < full.model.frame_dim
+    assert cpu.train.epochs < full.train.epochs
+    assert (cpu.kl.ratio, cpu.kl.start, cpu.kl.stop) == (0.5, 0.1, 1.0)
+    # the cyclical period in epochs is kept: 400/40 = 10 epochs per cycle
+    assert cpu.train.epochs / cpu.kl.cycles == pytest.approx(10, rel=0.5)
+    assert apply_profile(full, "full") == full
+    assert apply_profile(full, "smoke", epochs=3).train.epochs == 3
+    with pytest.raises(SpecError, match="choose one of"):
+        apply_profile(full, "huge")
+
+
+def test_list_filters_with_glob():
+    assert list_specs("kl_*") == ["kl_constant", "kl_cyclical", "kl_monotonic"]
