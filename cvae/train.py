@@ -446,7 +446,9 @@ def train_epoch(state: FitState, clips: torch.Tensor, clip_labels: torch.Tensor,
     tf_ratio = config.teacher_forcing.ratio_at(epoch)
     epoch_tf = _draw(state.data_generator, tf_ratio)
     order = torch.randperm(clips.shape[0], generator=state.data_generator)
-    batches = order.split(config.batch_size)
+    # Indices go where the clips are once per epoch: indexing GPU clips with CPU indices would
+    # copy them over, and wait for the GPU, on every batch.
+    batches = order.to(clips.device).split(config.batch_size)
     totals = torch.zeros(3, device=device, dtype=torch.float64)
     beta = 0.0
     for index, batch in enumerate(batches):

@@ -35,11 +35,24 @@ def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
             print("interrupted: the last checkpoint is saved; rerun the same command to resume",
                   file=sys.stderr)
             return 130
+        except Exception as err:
+            if not _tracking_failure(err):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return fail(f"tracking store {tracking.tracking_uri()} failed: {first}; the last "
+                        "checkpoint is kept: rerun the same command to resume")
 
     return wrapper
 
 
-def _raise_interrupt(signum, frame):  # noqa: ARG001
+def _tracking_failure(err: Exception) -> bool:
+    """An MLflow client error (a server gone mid-run, a store that stopped accepting writes):
+    the run cannot be recorded, and it stays resumable where the store still knows it."""
+    exceptions = sys.modules.get("mlflow.exceptions")
+    return exceptions is not None and isinstance(err, exceptions.MlflowException)
+
+
+def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 

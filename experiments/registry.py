@@ -16,10 +16,11 @@ accepted wherever a registered name is (``python -m experiments run my_lr.toml``
 from __future__ import annotations
 
 import fnmatch
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 from experiments.spec import (
     ConstantKL,
@@ -178,6 +179,7 @@ def load_toml_spec(path: str | Path) -> ExperimentSpec:
         raise SpecError(f"{path}: needs a top-level `base = \"NAME\"`; registered: "
                         f"{', '.join(SPECS)}")
     name = str(data.pop("name", path.stem))
+    data.pop("search", None)  # the tuning search space, read by studies.tuning
     base_spec = resolve_spec(str(base))
     overrides = _flatten_toml(data)
     try:
@@ -235,8 +237,8 @@ def default_profile(device: str) -> str:
 def rescale_time(spec: ExperimentSpec, epochs: int) -> ExperimentSpec:
     """Set ``train.epochs`` and keep every epoch-indexed schedule's shape over the run.
 
-    With s = epochs / spec epochs: KL cycles keep their length in epochs (cycles * s, at
-    least 1), teacher forcing starts decaying at the same fraction of training and decays as
+    With s = epochs / spec epochs: KL cycles keep their length in epochs (cycles * s, but
+    at least 2 when the spec has several, so a cyclical arm never turns into a monotonic one), teacher forcing starts decaying at the same fraction of training and decays as
     fast per fraction (decay_start * s, decay_step / s), LR milestones scale by s.
     Per-iteration KL schedules need nothing: they already follow the run's length.
     """
@@ -245,12 +247,13 @@ def rescale_time(spec: ExperimentSpec, epochs: int) -> ExperimentSpec:
     s = epochs / spec.train.epochs
     kl = spec.kl
     if isinstance(kl, CyclicalKL) and kl.per == "epoch":
-        kl = replace(kl, cycles=max(1, round(kl.cycles * s)))
+        # At least two cycles if the spec has several: one cycle would make it monotonic.
+        kl = replace(kl, cycles=max(min(kl.cycles, 2), round(kl.cycles * s)))
     tf = spec.teacher_forcing
-    tf = replace(tf, decay_start=int(round(tf.decay_start * s)),
+    tf = replace(tf, decay_start=round(tf.decay_start * s),
                  decay_step=min(1.0, tf.decay_step / s))
     lr = spec.lr_schedule
-    lr = replace(lr, milestones=tuple(sorted({max(1, int(round(m * s))) for m in lr.milestones})))
+    lr = replace(lr, milestones=tuple(sorted({max(1, round(m * s)) for m in lr.milestones})))
     return replace(spec, kl=kl, teacher_forcing=tf, lr_schedule=lr,
                    train=replace(spec.train, epochs=epochs))
 

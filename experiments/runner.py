@@ -218,7 +218,7 @@ def _download_checkpoint(run_id: str, dst: Path) -> Path | None:
     try:
         path = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path="checkpoints/last.pt", dst_path=str(dst))
-    except Exception:  # no checkpoint logged yet (killed during the first epoch)
+    except Exception:  # noqa: BLE001  (no checkpoint logged yet: killed in the first epoch)
         return None
     return Path(path)
 
@@ -260,6 +260,8 @@ def run_experiment(
     if action == "resume":
         run_id = existing.info.run_id
         client.update_run(run_id, status="RUNNING")
+        if "stop_reason" in existing.data.tags:
+            client.delete_tag(run_id, "stop_reason")
         ckpt = _download_checkpoint(run_id, workdir / "download")
         if ckpt is not None:
             state.load_state_dict(load_training_checkpoint(ckpt, map_location=device))
@@ -308,8 +310,8 @@ def run_experiment(
         try:
             client.set_tag(run_id, "stop_reason", reason)
             client.set_terminated(run_id, status)
-        except Exception:
-            pass  # the store itself may be what failed; the resume logic handles RUNNING
+        except Exception:  # noqa: BLE001, S110  (the store itself may be what failed;
+            pass  # a RUNNING run is resumed by the next invocation)
         raise
     return RunOutcome(run_id, "FINISHED", resumed_from_epoch=resumed_from,
                       metrics=dict(state.last_metrics), best_val_psnr=state.best_val_psnr,

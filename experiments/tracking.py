@@ -50,8 +50,30 @@ def configure() -> str:
             raise TrackingError(f"cannot create {path.parent}: {err.strerror}") from None
         if not os.access(path.parent, os.W_OK):
             raise TrackingError(f"tracking folder {path.parent} is not writable")
+    if uri.startswith(("http://", "https://")):
+        probe_server(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def probe_server(uri: str, *, timeout: float = 5.0) -> None:
+    """Fail in seconds when a tracking server does not answer: MLflow's own client retries a
+    refused connection with backoff for minutes before it gives up."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(uri)
+    health = parts._replace(netloc=parts.netloc.rpartition("@")[2],
+                            path=parts.path.rstrip("/") + "/health").geturl()
+    try:
+        urllib.request.urlopen(health, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # something answered (a proxy, an auth layer): let MLflow's client judge it
+    except (OSError, ValueError) as err:  # URLError, timeouts, malformed URLs
+        reason = getattr(err, "reason", None) or err
+        raise TrackingError(f"tracking server {mask_secrets(uri)} unreachable: "
+                            f"{mask_secrets(str(reason))}") from None
 
 
 def get_or_create_experiment(name: str, *, retries: int = 3) -> str:
@@ -75,7 +97,7 @@ def get_or_create_experiment(name: str, *, retries: int = 3) -> str:
             if "already exists" in str(err) or "UNIQUE" in str(err):
                 continue  # another process created it between our look and our create
             time.sleep(0.5 * 2**attempt)
-        except Exception as err:  # connection errors come in many types
+        except Exception as err:  # noqa: BLE001  (connection errors come in many types)
             last = err
             time.sleep(0.5 * 2**attempt)
     raise TrackingError(f"tracking store {mask_secrets(tracking_uri())} unreachable: "

@@ -316,7 +316,7 @@ def test_training_videos_align_with_clips() -> None:
 def test_ensure_synthetic_generates_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CVAE_DATA_DIR", str(tmp_path))
     root = ensure_synthetic(size="smoke", seed=3)
-    assert root == tmp_path / "smoke-s3-32x64" and (root / "COMPLETE").is_file()
+    assert root == tmp_path / "smoke-160f48v-s3-32x64" and (root / "COMPLETE").is_file()
 
     def no_generation(*args, **kwargs):
         raise AssertionError("generated again")

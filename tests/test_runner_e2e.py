@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import cli_env, run_cli
@@ -46,12 +47,12 @@ def test_smoke_run_records_tags_metrics_artifacts_then_skips(tracking_store, tmp
             "val_prediction.npz", "checkpoints"} <= artifacts
     ckpts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert {"checkpoints/last.pt", "checkpoints/best.pt"} <= ckpts
-    spec = json.loads(client.download_artifacts(run.info.run_id, "spec.json", str(tmp_path))
-                      and (tmp_path / "spec.json").read_text())
-    assert spec["name"] == "kl_cyclical"
-    csv = (tmp_path / "csv").mkdir() or client.download_artifacts(
-        run.info.run_id, "psnr_per_frame.csv", str(tmp_path / "csv"))
-    rows = open(csv).read().strip().splitlines()
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    spec_path = client.download_artifacts(run.info.run_id, "spec.json", str(downloads))
+    assert json.loads(Path(spec_path).read_text())["name"] == "kl_cyclical"
+    csv = client.download_artifacts(run.info.run_id, "psnr_per_frame.csv", str(downloads))
+    rows = Path(csv).read_text().strip().splitlines()
     assert rows[0] == "frame,psnr,psnr_copy_first" and len(rows) == 1 + 47  # smoke val: 48 frames
     mean_csv = sum(float(r.split(",")[1]) for r in rows[1:]) / 47
     assert mean_csv == pytest.approx(_history(client, run.info.run_id, "val/psnr")[-1][1], abs=1e-4)

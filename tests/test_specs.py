@@ -118,8 +118,8 @@ def test_profiles_change_size_not_science():
     assert cpu.model.frame_dim < full.model.frame_dim
     assert cpu.train.epochs < full.train.epochs
     assert (cpu.kl.ratio, cpu.kl.start, cpu.kl.stop) == (0.5, 0.1, 1.0)
-    # the cyclical period in epochs is kept: 400/40 = 10 epochs per cycle
-    assert cpu.train.epochs / cpu.kl.cycles == pytest.approx(10, rel=0.5)
+    # the cyclical period in epochs (400/40 = 10) is kept, with at least two cycles
+    assert cpu.kl.cycles == max(2, round(40 * cpu.train.epochs / 400))
     assert apply_profile(full, "full") == full
     assert apply_profile(full, "smoke", epochs=3).train.epochs == 3
     with pytest.raises(SpecError, match="choose one of"):
@@ -128,3 +128,16 @@ def test_profiles_change_size_not_science():
 
 def test_list_filters_with_glob():
     assert list_specs("kl_*") == ["kl_constant", "kl_cyclical", "kl_monotonic"]
+
+
+def test_short_profiles_keep_cyclical_distinct_from_monotonic():
+    from cvae.schedules import kl_beta
+
+    for profile in ("smoke", "cpu"):
+        cyc = apply_profile(SPECS["kl_cyclical"], profile)
+        mono = apply_profile(SPECS["kl_monotonic"], profile)
+        epochs = cyc.train.epochs
+        assert cyc.kl.cycles >= 2
+        cyc_betas = [kl_beta(cyc.kl, epoch=e, epochs=epochs) for e in range(epochs)]
+        mono_betas = [kl_beta(mono.kl, epoch=e, epochs=epochs) for e in range(epochs)]
+        assert cyc_betas != mono_betas, profile

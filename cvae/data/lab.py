@@ -97,17 +97,24 @@ def _match_names(reference_dir: Path, reference_names: list[str], other_dir: Pat
 # Decoding
 
 
-def _decode(path: Path, height: int, width: int) -> np.ndarray:
+def _decode(path: Path, height: int, width: int,
+            expected: tuple[Path, tuple[int, int]] | None = None) -> np.ndarray:
     """One image as (H, W, 3) uint8, resized like torchvision's Resize on a PIL image
-    (PIL bilinear, which antialiases when shrinking)."""
+    (PIL bilinear, which antialiases when shrinking). `expected` is (first image, its size):
+    a lab folder never mixes frame sizes, so an odd one is a foreign file, not data."""
     try:
         with Image.open(path) as image:
             rgb = image.convert("RGB")
-        if rgb.size != (width, height):
-            rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
-        return np.asarray(rgb)
+            size = rgb.size
+        if expected is None or size == expected[1]:
+            if rgb.size != (width, height):
+                rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+            return np.asarray(rgb)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
         raise DatasetError(f"{path}: unreadable image ({_one_line(error)})") from error
+    (w, h), (first_w, first_h) = size, expected[1]
+    raise DatasetError(f"{path}: {w}x{h} pixels, but {expected[0].name} in the same folder is "
+                       f"{first_w}x{first_h}; a folder's images share one size")
 
 
 def decode_images(paths: Sequence[Path], *, height: int, width: int) -> torch.Tensor:
@@ -116,10 +123,17 @@ def decode_images(paths: Sequence[Path], *, height: int, width: int) -> torch.Te
     A few threads suffice: PIL releases the GIL while it inflates and resizes.
     """
     out = np.empty((len(paths), height, width, 3), dtype=np.uint8)  # (N, H, W, 3)
+    expected = None
+    if paths:
+        try:
+            with Image.open(paths[0]) as first:
+                expected = (paths[0], first.size)
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            raise DatasetError(f"{paths[0]}: unreadable image ({_one_line(error)})") from error
 
     def fill(start: int) -> None:
         for index in range(start, min(start + 256, len(paths))):
-            out[index] = _decode(paths[index], height, width)
+            out[index] = _decode(paths[index], height, width, expected)
 
     with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, os.cpu_count() or 1)) as pool:
         list(pool.map(fill, range(0, len(paths), 256)))

@@ -1,0 +1,273 @@
+"""Redraw every figure and table of a study from MLflow alone (no training).
+
+    python -m studies.report                      # every study found in the tracking store
+    python -m studies.report --study kl_ablation  # one study (its most recently used parent run)
+    python -m studies.report --study kl_ablation --parent RUN_ID   # one configuration of it
+
+Reads only through ``MlflowClient`` (run search, metric histories, artifact download), so
+``MLFLOW_TRACKING_URI=http://host:5000`` works as well as the local SQLite store. Writes to
+``mlruns/reports/<study>/`` (``--out DIR`` for ``DIR/<study>/``) and logs the same files to the
+study's parent run under ``report/``:
+
+- ``metrics.{csv,parquet}``, ``psnr_per_frame.{csv,parquet}``: the tidy tables (studies.results)
+- ``summary.md``, ``summary.csv`` (+ ``summary_groups.csv`` when groups hold several arms):
+  final and best val PSNR per arm, mean ± sd and 95% t-interval over seeds, and each arm
+  against the reference arm (Welch 95% interval of the difference, plain verdict)
+- ``beta.png`` (Fig. 1), ``teacher_forcing.png`` (Fig. 2), ``train_loss.png``, ``val_loss.png``,
+  ``val_psnr.png`` (Table 1 / Fig. 3: mean ± 1 sd across seeds), ``psnr_per_frame.png``
+  (Fig. 4, with the copy-first-frame floor), ``filmstrip.png`` (ground truth vs each arm)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from studies import plots, summary
+from studies.results import (
+    StudyResults,
+    client_or_default,
+    find_parents,
+    has_artifact,
+    load_study,
+    prediction_arrays,
+    write_tables,
+)
+
+REPORTS = Path("mlruns") / "reports"
+
+
+@dataclass
+class Report:
+    study: str
+    out_dir: Path
+    files: list[Path] = field(default_factory=list)
+    summary: pd.DataFrame | None = None
+    group_summary: pd.DataFrame | None = None
+    markdown: str = ""
+
+
+def _subtitle(results: StudyResults, band: str) -> str:
+    meta = results.meta
+    parts = [f"study {meta.study}", f"profile {meta.profile or '?'}",
+             plots.describe_seeds(meta.seeds)]
+    return " · ".join(parts) + (f"\n{band}" if band else "")
+
+
+def summary_markdown(results: StudyResults, table: pd.DataFrame,
+                     groups: pd.DataFrame | None) -> str:
+    meta = results.meta
+    lines = [f"# {meta.study}: summary", ""]
+    about = [f"Ablation `{meta.ablation}`" if meta.ablation else "",
+             f"scientific hyperparameter: {meta.scientific}" if meta.scientific else "",
+             f"profile `{meta.profile}`", plots.describe_seeds(meta.seeds)]
+    lines += ["; ".join(a for a in about if a) + ".", ""]
+    method = (
+        "Final = validation PSNR at the last epoch; best = the maximum over evaluated epochs "
+        "(epochs are 0-based MLflow steps). mean ± sd over seeds with a 95% t-interval. "
+        f"Δ = difference in mean final val PSNR against the reference arm `{meta.reference}`, "
+        "with a 95% Welch interval (Welch–Satterthwaite df); the verdict reads that interval "
+        "(higher PSNR is better).")
+    lines += [method, "", summary.to_markdown(table, reference=meta.reference)]
+    if groups is not None:
+        reference_group = table_group_of(results, meta.reference)
+        heading = (f"## By group (runs of all arms in a group pooled; reference group "
+                   f"`{reference_group}`)")
+        lines += ["", heading, "", summary.to_markdown(groups, reference=reference_group)]
+    return "\n".join(lines) + "\n"
+
+
+def table_group_of(results: StudyResults, arm: str) -> str:
+    groups = results.metrics.loc[results.metrics["arm"] == arm, "group"]
+    return str(groups.iloc[0]) if len(groups) else arm
+
+
+def write_figures(results: StudyResults, out_dir: Path, *, client: Any) -> list[Path]:
+    """Every standard figure of the study into ``out_dir``."""
+    meta, metrics = results.meta, results.metrics
+    hue = "group" if meta.grouped else "arm"
+    hue_order = meta.groups if meta.grouped else meta.arms
+    band = plots.band_phrase(metrics, hue)
+    arm_band = plots.band_phrase(metrics, "arm")
+    grouped = {"col": "group", "col_order": meta.groups} if meta.grouped else {}
+    files = []
+    available = set(metrics["metric"])
+    if "train/beta" in available:
+        files.append(plots.epoch_curve(
+            metrics, metric="train/beta", path=out_dir / "beta.png", hue="arm",
+            hue_order=meta.arms, **grouped, title="KL weight β per epoch (report Fig. 1)",
+            ylabel="β (KL weight)",
+            subtitle=_subtitle(results, f"β at each epoch's last batch; {arm_band}")))
+    if "train/tfr" in available:
+        files.append(plots.epoch_curve(
+            metrics, metric="train/tfr", path=out_dir / "teacher_forcing.png", hue=hue,
+            hue_order=hue_order, title="Teacher-forcing ratio per epoch (report Fig. 2)",
+            ylabel="teacher-forcing ratio (probability)", ylim=(-0.04, 1.04),
+            subtitle=_subtitle(results, band)))
+    if "train/loss" in available:
+        files.append(plots.epoch_curve(
+            metrics, metric="train/loss", path=out_dir / "train_loss.png", hue=hue,
+            hue_order=hue_order, log_y=True,
+            title="Training loss per epoch (report Table 1 / Fig. 3)",
+            ylabel=r"train loss per clip: $\sum_t$ (MSE + β·KL)",
+            subtitle=_subtitle(results, band)))
+    if "val/loss" in available:
+        files.append(plots.epoch_curve(
+            metrics, metric="val/loss", path=out_dir / "val_loss.png", hue=hue,
+            hue_order=hue_order, log_y=True,
+            title="Validation loss per epoch (report Table 1 / Fig. 3)",
+            ylabel="val loss: per-frame MSE, pixels in [0, 1]",
+            subtitle=_subtitle(results, band)))
+    if "val/psnr" in available:
+        floor = metrics.loc[metrics["metric"] == "val/psnr_copy_first", "value"]
+        files.append(plots.epoch_curve(
+            metrics, metric="val/psnr", path=out_dir / "val_psnr.png", hue=hue,
+            hue_order=hue_order, floor=float(floor.mean()) if len(floor) else None,
+            title="Validation PSNR per epoch (closed-loop generation, z from the prior)",
+            ylabel="val PSNR (dB), mean over frames", subtitle=_subtitle(results, band)))
+    if not results.per_frame.empty:
+        files.append(plots.psnr_per_frame(
+            results.per_frame, path=out_dir / "psnr_per_frame.png", hue="arm",
+            hue_order=meta.arms,
+            title="Validation PSNR per frame of the final models (report Fig. 4)",
+            subtitle=_subtitle(results, plots.band_phrase(results.per_frame, "arm"))))
+    strip = _filmstrip(results, out_dir, client=client)
+    if strip is not None:
+        files.append(strip)
+    return files
+
+
+def _filmstrip(results: StudyResults, out_dir: Path, *, client: Any) -> Path | None:
+    """Ground truth vs each arm's prediction (its lowest seed) at six frames."""
+    finals = results.metrics[results.metrics["metric"] == "val/psnr"] \
+        .sort_values("epoch").groupby("run_id")["value"].last()
+    by_arm = {}
+    for run in results.runs:
+        arm, seed = run.data.tags.get("arm", ""), int(run.data.tags.get("seed", 0))
+        if arm not in by_arm or seed < by_arm[arm][1]:
+            by_arm[arm] = (run.info.run_id, seed)
+    truth, predictions, seeds = None, {}, set()
+    with tempfile.TemporaryDirectory() as tmp:
+        for arm in results.meta.arms:
+            if arm not in by_arm:
+                continue
+            run_id, seed = by_arm[arm]
+            if not has_artifact(client, run_id, "val_prediction.npz"):
+                continue
+            dst = Path(tmp) / run_id
+            dst.mkdir()
+            arm_truth, prediction = prediction_arrays(client, run_id, dst)
+            truth = arm_truth if truth is None else truth
+            psnr = finals.get(run_id, float("nan"))
+            predictions[f"{arm}\nseed {seed}, {psnr:.2f} dB"] = prediction
+            seeds.add(seed)
+    if truth is None:
+        return None
+    frames = plots.pick_frames(truth.shape[0])
+    meta = results.meta
+    return plots.filmstrip(
+        truth, predictions, path=out_dir / "filmstrip.png", frames=frames,
+        title="Validation sequence: ground truth vs each arm's prediction (closed loop)",
+        subtitle=f"study {meta.study} · profile {meta.profile} · seed "
+                 f"{', '.join(map(str, sorted(seeds)))} of each arm · frame 1 given, "
+                 "the rest generated · 4× nearest upscaling · dB = the run's mean val PSNR")
+
+
+def write_report(results: StudyResults, out_dir: str | Path | None = None, *,
+                 client: Any | None = None, log_to_parent: bool = True) -> Report:
+    """Tables, summary and figures of ``results`` in ``out_dir`` (default
+    ``mlruns/reports/<study>``), also logged to the parent run under ``report/``."""
+    client = client_or_default(client)
+    meta = results.meta
+    out = Path(out_dir) if out_dir is not None else REPORTS / meta.study
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(meta.study, out)
+    report.files += write_tables(results, out)
+
+    report.summary = summary.summarize(results.metrics, reference=meta.reference, by="arm",
+                                       order=meta.arms)
+    report.summary.to_csv(out / "summary.csv")
+    report.files.append(out / "summary.csv")
+    if meta.grouped:
+        reference_group = table_group_of(results, meta.reference)
+        report.group_summary = summary.summarize(results.metrics, reference=reference_group,
+                                                 by="group", order=meta.groups)
+        report.group_summary.to_csv(out / "summary_groups.csv")
+        report.files.append(out / "summary_groups.csv")
+    report.markdown = summary_markdown(results, report.summary, report.group_summary)
+    (out / "summary.md").write_text(report.markdown)
+    report.files.append(out / "summary.md")
+
+    report.files += write_figures(results, out, client=client)
+    if log_to_parent and meta.parent_run_id is not None:
+        for path in report.files:
+            client.log_artifact(meta.parent_run_id, str(path), "report")
+    return report
+
+
+def report_study(study: str, *, parent_run_id: str | None = None,
+                 out_root: str | Path | None = None, client: Any | None = None) -> Report:
+    """Load ``study`` from MLflow and write its report; a study without finished runs is an
+    error (``LookupError``)."""
+    client = client_or_default(client)
+    results = load_study(study, parent_run_id=parent_run_id, client=client)
+    if not results.runs:
+        raise LookupError(f"study {study!r} has no FINISHED runs in the tracking store")
+    out = Path(out_root) / study if out_root is not None else None
+    return write_report(results, out, client=client)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m studies.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", default=None,
+                        help="a study (MLflow experiment) name, e.g. kl_ablation "
+                             "(default: every study with a parent run)")
+    parser.add_argument("--parent", default=None, metavar="RUN_ID",
+                        help="report this parent run's configuration (needs --study)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="write to DIR/<study>/ (default: mlruns/reports/<study>/)")
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    from experiments import tracking
+    from experiments.cli import fail
+
+    args = build_parser().parse_args(argv)
+    if args.parent and not args.study:
+        return fail("--parent needs --study")
+    client = client_or_default()
+    if args.study:
+        studies = [args.study]
+    else:
+        studies = list(dict.fromkeys(r.data.tags["study"] for r in find_parents(client)
+                                     if r.data.tags.get("study")))
+        if not studies:
+            return fail(f"no study parent runs in {tracking.tracking_uri()}; run a study "
+                        "first, e.g. python -m studies.kl_ablation")
+    for study in studies:
+        try:
+            report = report_study(study, parent_run_id=args.parent, out_root=args.out,
+                                  client=client)
+        except LookupError as err:
+            return fail(str(err))
+        print(report.markdown)
+        print(f"{study}: {len(report.files)} files in {report.out_dir}/", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from experiments.cli import guarded  # imports torch (via the runner): only when run
+
+    return guarded(_main)(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""A study's results read back from MLflow into tidy pandas tables.
+
+Everything here goes through ``MlflowClient`` (search, metric history, artifact download), so
+it works the same against the local SQLite store and an ``mlflow server``.
+
+Which runs: the FINISHED child runs of a study (``tags.study``), i.e. not the study's parent
+run (tagged ``study_parent=1``). When the study has parent runs, the children of one parent
+(by default the most recently used one) are taken: a parent stands for one configuration of
+the study (profile, epochs, data), so runs of different configurations are never averaged.
+
+Two tidy tables, one row per observation:
+
+- ``metrics``: run_id, study, arm, group, seed, epoch, metric, value. One row per run × epoch ×
+  metric, epoch = the MLflow step (0-based). Metrics as the runner logs them: ``train/loss``
+  (summed objective per clip), ``train/mse``, ``train/kl``, ``train/beta``, ``train/tfr``,
+  ``train/lr``, ``val/loss`` (per-frame MSE), ``val/psnr`` (dB; only at evaluated epochs)
+  and ``val/psnr_copy_first`` (the copy-first-frame floor, logged once at epoch 0).
+- ``per_frame``: the same columns plus ``frame`` (the lab's 1-based frame number, 2..L):
+  metric ``val/psnr_per_frame`` (the final model) or ``val/psnr_copy_first_per_frame`` (the
+  floor); ``epoch`` is the epoch of the evaluation the frames come from (the last one).
+  From each run's ``psnr_per_frame.csv`` artifact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+# Tags the study orchestration (studies.common) writes on a study's parent run.
+PARENT_TAG = "study_parent"
+TAG_ABLATION = "ablation"
+TAG_REFERENCE = "reference_arm"
+TAG_ARMS = "arm_order"
+TAG_GROUPS = "group_order"
+TAG_SCIENTIFIC = "scientific"
+TAG_CONFIG = "study_config"
+PARENT_ID_TAG = "mlflow.parentRunId"
+
+COLUMNS = ["run_id", "study", "arm", "group", "seed", "epoch", "metric", "value"]
+FRAME_COLUMNS = ["run_id", "study", "arm", "group", "seed", "epoch", "frame", "metric", "value"]
+PER_FRAME_METRICS = {"psnr": "val/psnr_per_frame",
+                     "psnr_copy_first": "val/psnr_copy_first_per_frame"}
+
+
+@dataclass
+class StudyMeta:
+    """What the plots and tables need to know beyond the numbers (from the parent run)."""
+
+    study: str
+    parent_run_id: str | None = None
+    ablation: str = ""
+    scientific: str = ""
+    profile: str = ""
+    reference: str = ""
+    arms: list[str] = field(default_factory=list)  # plotting order
+    groups: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+    @property
+    def grouped(self) -> bool:
+        """True when groups hold several arms (e.g. teacher forcing × the three KL arms)."""
+        return len(self.groups) < len(self.arms)
+
+
+@dataclass
+class StudyResults:
+    meta: StudyMeta
+    runs: list[Any]  # mlflow.entities.Run, the FINISHED children
+    metrics: pd.DataFrame  # COLUMNS
+    per_frame: pd.DataFrame  # FRAME_COLUMNS
+
+
+def client_or_default(client: Any | None = None) -> Any:
+    """The given client, or one on the configured tracking store."""
+    # MLflow draws a progress bar per downloaded artifact; a report downloads one per run.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if client is not None:
+        return client
+    from mlflow.tracking import MlflowClient
+
+    from experiments import tracking
+
+    tracking.configure()
+    return MlflowClient()
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding runs
+# ---------------------------------------------------------------------------------------------
+def search_all(client: Any, experiment_ids: list[str], filter_string: str) -> list[Any]:
+    """Every run matching ``filter_string`` (paged)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string,
+                                  max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def experiment_ids(client: Any, study: str | None = None) -> list[str]:
+    """The experiment named after ``study`` when it exists, else every active experiment."""
+    if study is not None:
+        found = client.get_experiment_by_name(study)
+        if found is not None and found.lifecycle_stage == "active":
+            return [found.experiment_id]
+    ids, token = [], None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        ids.extend(e.experiment_id for e in page)
+        token = page.token
+        if not token:
+            return ids
+
+
+def is_parent(run: Any) -> bool:
+    return run.data.tags.get(PARENT_TAG) == "1"
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "\\'") + "'"
+
+
+def find_parents(client: Any, study: str | None = None) -> list[Any]:
+    """Study parent runs (of ``study``, or of every study), most recently used first."""
+    query = f"tags.{PARENT_TAG} = '1'"
+    if study is not None:
+        query += f" and tags.study = {_quote(study)}"
+    runs = search_all(client, experiment_ids(client, study), query)
+    return sorted(runs, key=lambda r: r.info.end_time or r.info.start_time or 0, reverse=True)
+
+
+def finished_children(client: Any, study: str, parent_run_id: str | None = None) -> list[Any]:
+    """FINISHED runs of ``study`` that are not parent runs (of ``parent_run_id`` if given)."""
+    query = f"tags.study = {_quote(study)} and attributes.status = 'FINISHED'"
+    if parent_run_id is not None:
+        query += f" and tags.{PARENT_ID_TAG} = {_quote(parent_run_id)}"
+    runs = [r for r in search_all(client, experiment_ids(client, study), query)
+            if not is_parent(r)]
+    return sorted(runs, key=lambda r: (r.data.tags.get("arm", ""), _seed(r)))
+
+
+def _seed(run: Any) -> int:
+    try:
+        return int(run.data.tags.get("seed", run.data.params.get("seed", -1)))
+    except ValueError:
+        return -1
+
+
+def _split(text: str | None) -> list[str]:
+    return [t for t in (text or "").split(",") if t]
+
+
+def study_meta(study: str, runs: Sequence[Any], parent: Any | None = None) -> StudyMeta:
+    """Arm and group order, reference arm and profile: from the parent's tags when there is
+    one, otherwise from the runs (sorted names, first arm as reference)."""
+    tags = parent.data.tags if parent is not None else {}
+    present_arms = {r.data.tags.get("arm", "") for r in runs}
+    present_groups = {r.data.tags.get("group", "") for r in runs}
+    arms = [a for a in _split(tags.get(TAG_ARMS)) if a in present_arms]
+    arms += sorted(present_arms - set(arms))
+    groups = [g for g in _split(tags.get(TAG_GROUPS)) if g in present_groups]
+    groups += sorted(present_groups - set(groups))
+    profiles = sorted({r.data.tags.get("profile", "") for r in runs} - {""})
+    return StudyMeta(
+        study=study,
+        parent_run_id=parent.info.run_id if parent is not None else None,
+        ablation=tags.get(TAG_ABLATION, ""),
+        scientific=tags.get(TAG_SCIENTIFIC, ""),
+        profile=tags.get("profile") or "+".join(profiles),
+        reference=tags.get(TAG_REFERENCE) or (arms[0] if arms else ""),
+        arms=arms, groups=groups, seeds=sorted({_seed(r) for r in runs}),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tidy tables
+# ---------------------------------------------------------------------------------------------
+def _labels(run: Any, study: str) -> dict[str, Any]:
+    tags = run.data.tags
+    arm = tags.get("arm", run.info.run_name or run.info.run_id)
+    return {"run_id": run.info.run_id, "study": tags.get("study", study), "arm": arm,
+            "group": tags.get("group", arm), "seed": _seed(run)}
+
+
+def tidy_metrics(client: Any, runs: Iterable[Any], *, study: str = "",
+                 keys: Sequence[str] | None = None) -> pd.DataFrame:
+    """Full metric curves (``get_metric_history``) of ``runs`` as the tidy ``COLUMNS`` table.
+
+    A step logged twice for one key (only possible by hand) keeps its latest value, so there
+    is exactly one row per run × epoch × metric.
+    """
+    rows = []
+    for run in runs:
+        labels = _labels(run, study)
+        for key in keys if keys is not None else sorted(run.data.metrics):
+            history = sorted(client.get_metric_history(run.info.run_id, key),
+                             key=lambda m: (m.step, m.timestamp))
+            latest = {m.step: m.value for m in history}
+            rows.extend({**labels, "epoch": step, "metric": key, "value": value}
+                        for step, value in latest.items())
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    return table.astype({"seed": "int64", "epoch": "int64", "value": "float64"}) \
+        .sort_values(["arm", "seed", "metric", "epoch"], kind="stable").reset_index(drop=True)
+
+
+def _final_epoch(run: Any, metrics: pd.DataFrame) -> int:
+    steps = metrics.loc[(metrics["run_id"] == run.info.run_id)
+                        & (metrics["metric"] == "val/psnr"), "epoch"]
+    if len(steps):
+        return int(steps.max())
+    return int(run.data.params.get("train.epochs", 0)) - 1
+
+
+def tidy_per_frame(client: Any, runs: Iterable[Any], *, study: str = "",
+                   metrics: pd.DataFrame | None = None,
+                   workdir: str | Path | None = None) -> pd.DataFrame:
+    """Each run's ``psnr_per_frame.csv`` (frame, psnr, psnr_copy_first) as the tidy
+    ``FRAME_COLUMNS`` table. Runs without the artifact are left out."""
+    metrics = metrics if metrics is not None else pd.DataFrame(columns=COLUMNS)
+    frames = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        for run in runs:
+            if not has_artifact(client, run.info.run_id, "psnr_per_frame.csv"):
+                continue  # e.g. a run recorded by an older version
+            dst = Path(tmp) / run.info.run_id
+            dst.mkdir()
+            path = client.download_artifacts(run.info.run_id, "psnr_per_frame.csv", str(dst))
+            wide = pd.read_csv(path)
+            long = wide.melt(id_vars="frame", value_vars=list(PER_FRAME_METRICS),
+                             var_name="metric", value_name="value")
+            long["metric"] = long["metric"].map(PER_FRAME_METRICS)
+            for key, value in _labels(run, study).items():
+                long[key] = value
+            long["epoch"] = _final_epoch(run, metrics)
+            frames.append(long[FRAME_COLUMNS])
+    if not frames:
+        return pd.DataFrame(columns=FRAME_COLUMNS)
+    table = pd.concat(frames, ignore_index=True)
+    return table.astype({"seed": "int64", "epoch": "int64", "frame": "int64",
+                         "value": "float64"}) \
+        .sort_values(["arm", "seed", "metric", "frame"], kind="stable").reset_index(drop=True)
+
+
+def has_artifact(client: Any, run_id: str, path: str) -> bool:
+    folder = path.rpartition("/")[0] or None
+    return any(a.path == path for a in client.list_artifacts(run_id, folder))
+
+
+def prediction_arrays(client: Any, run_id: str, workdir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(truth, prediction), each (L, H, W, 3) uint8, from the run's ``val_prediction.npz``."""
+    path = client.download_artifacts(run_id, "val_prediction.npz", str(workdir))
+    with np.load(path) as arrays:
+        return arrays["truth"], arrays["prediction"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole study
+# ---------------------------------------------------------------------------------------------
+def resolve_parent(client: Any, study: str, parent_run_id: str | None = None) -> Any | None:
+    """The given parent run, or the study's most recently used one (None if it has none)."""
+    if parent_run_id is not None:
+        run = client.get_run(parent_run_id)
+        if not is_parent(run) or run.data.tags.get("study") != study:
+            from experiments.spec import SpecError
+
+            raise SpecError(f"run {parent_run_id} is not a parent run of study {study!r}")
+        return run
+    parents = find_parents(client, study)
+    return parents[0] if parents else None
+
+
+def load_study(study: str, *, parent_run_id: str | None = None, client: Any | None = None,
+               per_frame: bool = True) -> StudyResults:
+    """The study's FINISHED child runs, their metric curves and per-frame PSNR."""
+    client = client_or_default(client)
+    parent = resolve_parent(client, study, parent_run_id)
+    runs = finished_children(client, study, parent.info.run_id if parent is not None else None)
+    metrics = tidy_metrics(client, runs, study=study)
+    frames = tidy_per_frame(client, runs, study=study, metrics=metrics) if per_frame \
+        else pd.DataFrame(columns=FRAME_COLUMNS)
+    return StudyResults(study_meta(study, runs, parent), runs, metrics, frames)
+
+
+def write_tables(results: StudyResults, out_dir: str | Path) -> list[Path]:
+    """``metrics.{csv,parquet}`` and ``psnr_per_frame.{csv,parquet}`` in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, table in (("metrics", results.metrics), ("psnr_per_frame", results.per_frame)):
+        csv, parquet = out / f"{name}.csv", out / f"{name}.parquet"
+        table.to_csv(csv, index=False)
+        table.to_parquet(parquet, index=False)
+        written += [csv, parquet]
+    return written
+
+
+def final_values(metrics: pd.DataFrame, metric: str = "val/psnr") -> pd.Series:
+    """run_id -> the metric's value at its last logged epoch."""
+    curve = metrics[metrics["metric"] == metric].sort_values("epoch")
+    return curve.groupby("run_id")["value"].last() if len(curve) else pd.Series(dtype=float)

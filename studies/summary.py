@@ -1,0 +1,231 @@
+"""Statistics for a study's summary table: pure functions over seeds, no MLflow.
+
+Each arm's runs differ only in the seed, so the seeds are the replicates:
+- ``describe``: mean, sample sd (ddof=1) and a t-interval for the mean over seeds.
+- ``welch``: the difference in means of an arm and the reference arm with a confidence
+  interval from Welch's t (unequal variances, Welch–Satterthwaite degrees of freedom),
+  the same test as ``scipy.stats.ttest_ind(a, b, equal_var=False)``.
+- ``verdict``: "better" / "worse" when the interval excludes 0 (higher PSNR is better),
+  "no detectable difference at N seeds" otherwise, "not enough seeds" with one seed, and
+  "cannot test: no spread across N seeds" when every seed gives the same value.
+- ``per_run`` and ``summarize`` turn the tidy metrics table (``studies.results``) into one row
+  per arm (or per group); ``to_markdown`` prints it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Mean over ``n`` seeds with its sample sd and a t confidence interval (nan when n < 2)."""
+
+    mean: float
+    sd: float
+    n: int
+    ci_low: float
+    ci_high: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``difference`` = mean(arm) - mean(reference), with Welch's interval and test."""
+
+    difference: float
+    ci_low: float
+    ci_high: float
+    df: float
+    statistic: float
+    p_value: float
+    n: int
+    n_reference: int
+
+
+def describe(values: Sequence[float], *, confidence: float = CONFIDENCE) -> Estimate:
+    """mean ± t_{(1+c)/2, n-1} · sd / sqrt(n)."""
+    x = np.asarray(values, dtype=float)
+    n = x.size
+    if n == 0:
+        return Estimate(math.nan, math.nan, 0, math.nan, math.nan)
+    mean = float(x.mean())
+    if n < 2:
+        return Estimate(mean, math.nan, n, math.nan, math.nan)
+    sd = float(x.std(ddof=1))
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
+    return Estimate(mean, sd, n, mean - half, mean + half)
+
+
+def welch_df(var_a: float, n_a: int, var_b: float, n_b: int) -> float:
+    """Welch–Satterthwaite: (va/na + vb/nb)² / ((va/na)²/(na-1) + (vb/nb)²/(nb-1))."""
+    a, b = var_a / n_a, var_b / n_b
+    denominator = a**2 / (n_a - 1) + b**2 / (n_b - 1)
+    return (a + b) ** 2 / denominator if denominator > 0 else math.nan
+
+
+def welch(values: Sequence[float], reference: Sequence[float], *,
+          confidence: float = CONFIDENCE) -> Comparison:
+    """Difference in means (values - reference) with a Welch t interval and two-sided p.
+
+    With fewer than two seeds on either side there is no variance estimate: the interval,
+    statistic and p-value are nan. With no spread on either side (every seed gives the same
+    value, up to rounding) the t statistic is undefined: nan interval, and a
+    difference that is itself rounding noise is set to exactly 0.
+    """
+    a, b = np.asarray(values, dtype=float), np.asarray(reference, dtype=float)
+    n_a, n_b = a.size, b.size
+    difference = float(a.mean() - b.mean()) if n_a and n_b else math.nan
+    if n_a < 2 or n_b < 2:
+        return Comparison(difference, math.nan, math.nan, math.nan, math.nan, math.nan, n_a, n_b)
+    var_a, var_b = float(a.var(ddof=1)), float(b.var(ddof=1))
+    se = math.sqrt(var_a / n_a + var_b / n_b)
+    tolerance = 1e-9 * max(1.0, abs(float(a.mean())), abs(float(b.mean())))
+    if se <= tolerance:
+        difference = difference if abs(difference) > tolerance else 0.0
+        return Comparison(difference, math.nan, math.nan, math.nan, math.nan, math.nan,
+                          n_a, n_b)
+    df = welch_df(var_a, n_a, var_b, n_b)
+    statistic = difference / se
+    half = float(stats.t.ppf((1 + confidence) / 2, df)) * se
+    p_value = float(2 * stats.t.sf(abs(statistic), df))
+    return Comparison(difference, difference - half, difference + half, df, statistic, p_value,
+                      n_a, n_b)
+
+
+def seeds_phrase(n: int, n_reference: int, unit: str = "seeds") -> str:
+    return f"{n} {unit}" if n == n_reference else f"{n} vs {n_reference} {unit}"
+
+
+def verdict(comparison: Comparison, *, higher_is_better: bool = True,
+            unit: str = "seeds") -> str:
+    """A plain reading of the interval of the difference (arm - reference); ``unit`` names
+    the replicates ("seeds" for arms, "runs" for groups pooling several arms)."""
+    seeds = seeds_phrase(comparison.n, comparison.n_reference, unit)
+    if comparison.n < 2 or comparison.n_reference < 2:
+        return f"not enough {unit}"
+    if math.isnan(comparison.ci_low):  # no spread on either side: nothing to test
+        return f"no difference at {seeds}" if comparison.difference == 0 else \
+            f"cannot test: no spread across {seeds}"
+    if comparison.ci_low > 0:
+        return "better" if higher_is_better else "worse"
+    if comparison.ci_high < 0:
+        return "worse" if higher_is_better else "better"
+    return f"no detectable difference at {seeds}"
+
+
+# ---------------------------------------------------------------------------------------------
+# From the tidy table to one row per arm
+# ---------------------------------------------------------------------------------------------
+def per_run(metrics: pd.DataFrame, *, metric: str = "val/psnr",
+            floor_metric: str = "val/psnr_copy_first") -> pd.DataFrame:
+    """One row per run: final (last epoch), best (max) and epoch of best of ``metric``, and
+    the copy-first floor. ``metrics`` is the tidy table (run_id, arm, group, seed, epoch,
+    metric, value)."""
+    keys = ["run_id", "arm", "group", "seed"]
+    curve = metrics[metrics["metric"] == metric].sort_values(["run_id", "epoch"])
+    if curve.empty:
+        return pd.DataFrame(columns=[*keys, "final", "final_epoch", "best", "best_epoch", "floor"])
+    grouped = curve.groupby(keys, sort=False)
+    last = grouped.tail(1).set_index(keys)
+    best = curve.loc[grouped["value"].idxmax()].set_index(keys)
+    out = pd.DataFrame({"final": last["value"], "final_epoch": last["epoch"],
+                        "best": best["value"], "best_epoch": best["epoch"]})
+    floor = metrics[metrics["metric"] == floor_metric].groupby("run_id")["value"].last()
+    out = out.reset_index()
+    out["floor"] = out["run_id"].map(floor).astype(float)
+    return out
+
+
+SUMMARY_COLUMNS = [
+    "n", "seeds", "final_mean", "final_sd", "final_ci_low", "final_ci_high",
+    "best_mean", "best_sd", "best_ci_low", "best_ci_high", "best_epoch_mean", "copy_first",
+    "diff_vs_reference", "diff_ci_low", "diff_ci_high", "welch_df", "p_value", "verdict",
+]
+
+
+def summarize(metrics: pd.DataFrame, *, reference: str, by: str = "arm",
+              order: Sequence[str] | None = None, metric: str = "val/psnr",
+              confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """One row per ``by`` value (arm or group): final and best ``metric`` over its runs
+    (mean, sd, t interval), mean epoch of best, copy-first floor, and the final value against
+    ``reference`` (Welch). Indexed by ``by``, rows in ``order`` (default: sorted)."""
+    runs = per_run(metrics, metric=metric)
+    names = list(order) if order is not None else sorted(runs[by].unique())
+    names = [n for n in names if n in set(runs[by])]
+    ref_final = runs.loc[runs[by] == reference, "final"].to_numpy()
+    rows = []
+    for name in names:
+        mine = runs[runs[by] == name]
+        final, best = describe(mine["final"], confidence=confidence), \
+            describe(mine["best"], confidence=confidence)
+        row = {
+            by: name, "n": final.n,
+            "seeds": " ".join(str(s) for s in sorted(mine["seed"].unique())),
+            "final_mean": final.mean, "final_sd": final.sd,
+            "final_ci_low": final.ci_low, "final_ci_high": final.ci_high,
+            "best_mean": best.mean, "best_sd": best.sd,
+            "best_ci_low": best.ci_low, "best_ci_high": best.ci_high,
+            "best_epoch_mean": float(mine["best_epoch"].mean()),
+            "copy_first": float(mine["floor"].mean()),
+        }
+        if name == reference:
+            row.update(diff_vs_reference=0.0, diff_ci_low=math.nan, diff_ci_high=math.nan,
+                       welch_df=math.nan, p_value=math.nan, verdict="reference")
+        elif ref_final.size == 0:
+            row.update(diff_vs_reference=math.nan, diff_ci_low=math.nan, diff_ci_high=math.nan,
+                       welch_df=math.nan, p_value=math.nan, verdict="no reference runs")
+        else:
+            c = welch(mine["final"], ref_final, confidence=confidence)
+            row.update(diff_vs_reference=c.difference, diff_ci_low=c.ci_low,
+                       diff_ci_high=c.ci_high, welch_df=c.df, p_value=c.p_value,
+                       verdict=verdict(c, unit="seeds" if by == "arm" else "runs"))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[by, *SUMMARY_COLUMNS]).set_index(by)
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------
+def _num(x: float, digits: int = 2) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _ci(low: float, high: float) -> str:
+    return "n/a" if math.isnan(low) else f"[{low:.2f}, {high:.2f}]"
+
+
+def _signed(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:+.2f}"
+
+
+def to_markdown(table: pd.DataFrame, *, reference: str, confidence: float = CONFIDENCE) -> str:
+    """The summary as a Markdown table (PSNR in dB; intervals are t / Welch intervals)."""
+    by = table.index.name or "arm"
+    pct = f"{round(confidence * 100)}%"
+    header = [by, "runs (seeds)", "final val PSNR (dB) mean ± sd", f"{pct} CI",
+              "best val PSNR (dB) mean ± sd", f"{pct} CI", "epoch of best (mean)",
+              "copy-first floor (dB)", f"Δ final vs {reference} (dB)", f"{pct} CI (Welch)",
+              "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, r in table.iterrows():
+        cells = [
+            f"`{name}`", f"{r['n']} ({r['seeds']})",
+            f"{_num(r['final_mean'])} ± {_num(r['final_sd'])}",
+            _ci(r["final_ci_low"], r["final_ci_high"]),
+            f"{_num(r['best_mean'])} ± {_num(r['best_sd'])}",
+            _ci(r["best_ci_low"], r["best_ci_high"]),
+            _num(r["best_epoch_mean"], 1), _num(r["copy_first"]),
+            "—" if r["verdict"] == "reference" else _signed(r["diff_vs_reference"]),
+            "—" if r["verdict"] == "reference" else _ci(r["diff_ci_low"], r["diff_ci_high"]),
+            r["verdict"],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

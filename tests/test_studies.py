@@ -1,0 +1,178 @@
+"""The ablation studies end to end on the smoke profile: runs, tidy table, figures, summary,
+reuse on rerun, resume of an interrupted run, and the report redrawn from MLflow alone."""
+
+from __future__ import annotations
+
+import itertools
+
+import pandas as pd
+import pytest
+from conftest import run_cli
+from mlflow.tracking import MlflowClient
+
+from studies import kl_ablation, prior_ablation, sigmoid_ablation, tfr_ablation
+from studies import report as report_module
+from studies.results import COLUMNS, FRAME_COLUMNS, load_study
+
+SMOKE = ["--profile", "smoke", "--epochs", "2", "--device", "cpu"]
+EPOCH_METRICS = ["train/loss", "train/mse", "train/kl", "train/beta", "train/tfr", "train/lr",
+                 "val/loss", "val/psnr"]
+FIGURES = ["beta.png", "teacher_forcing.png", "train_loss.png", "val_loss.png", "val_psnr.png",
+           "psnr_per_frame.png", "filmstrip.png"]
+TABLES = ["metrics.csv", "metrics.parquet", "psnr_per_frame.csv", "psnr_per_frame.parquet",
+          "summary.csv", "summary.md"]
+SMOKE_VAL_FRAMES = 48
+
+
+def _experiment_runs(client: MlflowClient, name: str) -> list:
+    experiment = client.get_experiment_by_name(name)
+    return list(client.search_runs([experiment.experiment_id])) if experiment else []
+
+
+def _split(runs):
+    parents = [r for r in runs if r.data.tags.get("study_parent") == "1"]
+    return parents, [r for r in runs if r.data.tags.get("study_parent") != "1"]
+
+
+def _check_report(out, summary_arms: list[str], client: MlflowClient, children) -> pd.DataFrame:
+    for name in FIGURES + TABLES:
+        assert (out / name).stat().st_size > 0, name
+    summary = pd.read_csv(out / "summary.csv", index_col=0)
+    assert list(summary.index) == summary_arms
+    # The summary agrees with MLflow: mean of each arm's runs' last val/psnr.
+    for arm in summary_arms:
+        last = [client.get_run(r.info.run_id).data.metrics["val/psnr"]
+                for r in children if r.data.tags["arm"] == arm]
+        assert summary.loc[arm, "final_mean"] == pytest.approx(sum(last) / len(last), abs=1e-9)
+        assert summary.loc[arm, "n"] == len(last)
+    return summary
+
+
+def test_kl_study_runs_reports_reuses_resumes_and_redraws(tracking_store, tmp_path):
+    arms = ["kl_cyclical", "kl_monotonic", "kl_constant"]
+    first = run_cli("studies.kl_ablation", *SMOKE, "--seeds", "0", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count(": start") == 6 and "| `kl_monotonic` |" in first.stdout
+
+    client = MlflowClient()
+    names = {e.name for e in client.search_experiments()}
+    assert names == {"Default", "kl_ablation"}
+    parents, children = _split(_experiment_runs(client, "kl_ablation"))
+    (parent,) = parents
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["study"] == "kl_ablation" and parent.data.tags["profile"] == "smoke"
+    assert sorted((r.data.tags["arm"], int(r.data.tags["seed"])) for r in children) == \
+        sorted(itertools.product(arms, [0, 1]))
+    for run in children:
+        tags = run.data.tags
+        assert run.info.status == "FINISHED"
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert (tags["study"], tags["group"], tags["profile"]) == (
+            "kl_ablation", tags["arm"], "smoke")
+
+    # The tidy table: one row per run x epoch x metric, as MLflow holds them.
+    results = load_study("kl_ablation", client=client)
+    metrics, per_frame = results.metrics, results.per_frame
+    assert list(metrics.columns) == COLUMNS and list(per_frame.columns) == FRAME_COLUMNS
+    assert not metrics.duplicated(["run_id", "epoch", "metric"]).any()
+    assert set(metrics["run_id"]) == {r.info.run_id for r in children}
+    for run in children:
+        mine = metrics[metrics["run_id"] == run.info.run_id]
+        for key in EPOCH_METRICS:
+            assert sorted(mine.loc[mine["metric"] == key, "epoch"]) == [0, 1], key
+        assert len(mine) == sum(len(client.get_metric_history(run.info.run_id, k))
+                                for k in run.data.metrics)
+    assert len(per_frame) == len(children) * (SMOKE_VAL_FRAMES - 1) * 2
+    assert set(per_frame["frame"]) == set(range(2, SMOKE_VAL_FRAMES + 1))
+    # Fig. 4 and the curves agree: each run's per-frame PSNR averages to its last val/psnr.
+    frame_means = per_frame[per_frame["metric"] == "val/psnr_per_frame"] \
+        .groupby("run_id")["value"].mean()
+    for run in children:
+        assert frame_means[run.info.run_id] == pytest.approx(
+            run.data.metrics["val/psnr"], abs=1e-4)
+
+    out = tmp_path / "mlruns" / "reports" / "kl_ablation"
+    summary = _check_report(out, arms, client, children)
+    assert summary.loc["kl_cyclical", "verdict"] == "reference"
+    csv = pd.read_csv(out / "metrics.csv")
+    assert len(csv) == len(metrics) and len(pd.read_parquet(out / "metrics.parquet")) == len(csv)
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {f"report/{name}" for name in FIGURES + TABLES} <= logged
+
+    # Rerun after "interrupting" one run: the others are reused, that one resumes into the
+    # same run id, and no run is added.
+    interrupted = next(r for r in children if r.data.tags["arm"] == "kl_monotonic")
+    client.update_run(interrupted.info.run_id, status="KILLED")
+    again = run_cli("studies.kl_ablation", *SMOKE, "--seeds", "0", "1", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("reused run") == 5
+    assert f"resuming run {interrupted.info.run_id}" in again.stdout
+    parents2, children2 = _split(_experiment_runs(client, "kl_ablation"))
+    assert [p.info.run_id for p in parents2] == [parent.info.run_id]
+    assert {r.info.run_id for r in children2} == {r.info.run_id for r in children}
+    assert client.get_run(interrupted.info.run_id).info.status == "FINISHED"
+    again_metrics = load_study("kl_ablation", client=client, per_frame=False).metrics
+    assert not again_metrics.duplicated(["run_id", "epoch", "metric"]).any()
+    assert len(again_metrics) == len(metrics)
+
+    # The report from MLflow alone regenerates every file.
+    for path in out.iterdir():
+        path.unlink()
+    redraw = run_cli("studies.report", "--study", "kl_ablation", cwd=tmp_path)
+    assert redraw.returncode == 0, redraw.stderr[-3000:]
+    assert "| `kl_constant` |" in redraw.stdout
+    redrawn = _check_report(out, arms, client, children)
+    pd.testing.assert_frame_equal(redrawn, summary)
+
+
+def test_bad_arms_exit_2_listing_the_valid_ones(tracking_store, capsys):
+    assert kl_ablation.main(["--arms", "kl_cyclical", "nope", *SMOKE]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "kl_cyclical, kl_monotonic, kl_constant" in err
+    assert tfr_ablation.main(["--report-groups", "--arms", "tfr_off", *SMOKE]) == 2
+    assert "tfr_off+kl_cyclical" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", [kl_ablation, tfr_ablation, sigmoid_ablation, prior_ablation])
+def test_help_names_the_hyperparameters_and_the_command(module, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("Scientific", "Nuisance", "Fixed", f"python -m {module.__name__}", "--seeds",
+                 "--arms", "--profile", "--epochs", "--data", "--device"):
+        assert word in text, word
+
+
+@pytest.mark.parametrize("module, arms", [(sigmoid_ablation, ["identity", "sigmoid"]),
+                                          (prior_ablation, ["prior_standard", "prior_learned"])])
+def test_two_arm_studies_in_process(module, arms, tracking_store, tmp_path):
+    name = module.STUDY.name
+    assert module.main([*SMOKE, "--epochs", "1", "--seeds", "0"]) == 0
+    client = MlflowClient()
+    parents, children = _split(_experiment_runs(client, name))
+    assert len(parents) == 1 and sorted(r.data.tags["arm"] for r in children) == sorted(arms)
+    summary = _check_report(tmp_path / "mlruns" / "reports" / name, arms, client, children)
+    assert summary.loc[arms[1], "verdict"] == "not enough seeds"
+
+
+def test_tfr_report_groups_pools_kl_arms_per_group(tracking_store, tmp_path, capsys):
+    arms = ["tfr_decay+kl_cyclical", "tfr_decay+kl_constant", "tfr_off+kl_cyclical",
+            "tfr_off+kl_constant"]
+    assert tfr_ablation.main(["--report-groups", *SMOKE, "--epochs", "1", "--seeds", "0",
+                              "--arms", *arms]) == 0
+    client = MlflowClient()
+    assert client.get_experiment_by_name("tfr_ablation") is None
+    parents, children = _split(_experiment_runs(client, "tfr_report_groups"))
+    assert len(parents) == 1 and len(children) == 4
+    assert {r.data.tags["arm"]: r.data.tags["group"] for r in children} == {
+        a: a.split("+")[0] for a in arms}
+    out = tmp_path / "mlruns" / "reports" / "tfr_report_groups"
+    _check_report(out, arms, client, children)
+    groups = pd.read_csv(out / "summary_groups.csv", index_col=0)
+    assert list(groups.index) == ["tfr_decay", "tfr_off"] and list(groups["n"]) == [2, 2]
+    assert "## By group" in (out / "summary.md").read_text()
+
+    capsys.readouterr()
+    assert report_module.main([]) == 0  # every study in the store
+    assert "tfr_report_groups: " in capsys.readouterr().out
