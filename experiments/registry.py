@@ -166,14 +166,20 @@ def _flatten_toml(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_toml_spec(path: str | Path) -> ExperimentSpec:
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A spec file's contents; a missing or malformed file is a one-line SpecError."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file {path} does not exist")
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise SpecError(f"{path}: not valid TOML ({err})") from None
+
+
+def load_toml_spec(path: str | Path) -> ExperimentSpec:
+    path = Path(path)
+    data = read_toml(path)
     base = data.pop("base", None)
     if base is None:
         raise SpecError(f"{path}: needs a top-level `base = \"NAME\"`; registered: "

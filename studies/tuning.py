@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -45,7 +44,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cvae.train import Evaluation, Hooks, NonFiniteLossError
 from experiments import tracking
 from experiments.data import Data
-from experiments.registry import PROFILE_SETTINGS, SPECS, resolve_spec
+from experiments.registry import PROFILE_SETTINGS, SPECS, read_toml, resolve_spec
 from experiments.runner import RunContext, run_experiment
 from experiments.spec import ExperimentSpec, SpecError, apply_overrides, flatten, spec_hash
 
@@ -219,32 +218,15 @@ def search_space(spec: ExperimentSpec, table: dict[str, Any] | None = None) -> S
 def load_spec(name_or_path: str) -> tuple[ExperimentSpec, dict[str, Any]]:
     """A registered spec or a ``.toml`` spec file, and the file's ``[search]`` table (or {}).
 
-    The rest of the file goes to ``experiments.registry.load_toml_spec`` unchanged (through a
-    copy without the ``[search]`` table when there is one), so the two read specs the same way.
+    ``experiments.registry.load_toml_spec`` ignores the ``[search]`` table, so both read the
+    rest of the file the same way.
     """
     if not name_or_path.endswith(".toml"):
         return resolve_spec(name_or_path), {}
-    path = Path(name_or_path)
-    if not path.is_file():
-        raise SpecError(f"spec file {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise SpecError(f"{path}: not valid TOML ({err})") from None
-    if "search" not in data:
-        return resolve_spec(name_or_path), {}
-    table = data.pop("search")
+    table = read_toml(name_or_path).get("search", {})
     if not isinstance(table, dict):
-        raise SpecError(f"{path}: `search` must be a table ([search])")
-    data.setdefault("name", path.stem)
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / path.name
-        copy.write_text(toml_text(data))
-        try:
-            spec = resolve_spec(str(copy))
-        except SpecError as err:
-            raise SpecError(str(err).replace(str(copy), str(path))) from None
-    return spec, table
+        raise SpecError(f"{name_or_path}: `search` must be a table ([search])")
+    return resolve_spec(name_or_path), table
 
 
 def registered_root(name_or_path: str) -> str:
