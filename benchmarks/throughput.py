@@ -1,0 +1,568 @@
+"""Training and evaluation throughput, three ways, on the same data and model.
+
+    python -m benchmarks.throughput [--device cpu|cuda] [--profile smoke|cpu|full]
+        [--members K] [--steps N] [--out FILE.json] [--bf16] [--compile]
+        [--teacher-forcing on|off] [--workers W] [--threads N]
+
+(a) reference: the course template's way: a DataLoader whose Dataset opens and resizes PNG
+    files with PIL on every epoch, batch 2, fp32, NCHW, a Python loop over time steps calling
+    the encoders per step, one optimizer step per batch, gradient clipping at 1.0;
+(b) runner: one run through ``cvae.train.train_epoch`` (uint8 clips decoded once, the
+    project's rollout: label encoder over all T at once, ground-truth frames encoded at
+    once), model in channels_last;
+(c) packed: K members through ``cvae.packed.PackedTrainer`` (one vmapped computation).
+
+One frame step = one predicted frame of one member, forward + backward. Model FLOPs per frame
+step = 3 (forward + 2x backward) x 2 x MACs, with MACs counted from the convolution shapes:
+one pass of every module per predicted frame (the lab's ~3.2 GMAC at 128/32/12/192, 32x64).
+The detached previous-frame encoding (+12%) is not counted: GFLOP/s are model FLOPs, the MFU
+convention, and the same count divides every path, so ratios are plain speed ratios.
+Evaluation = ``cvae.train.evaluate``'s autoregressive rollout of the validation length (630).
+
+The paths are timed in rounds (one step of each per round, after warm-up rounds), so a
+shared machine's changing load falls on all of them alike; on a busy CPU, ``--threads 1``
+avoids OpenMP threads waiting on each other at every operator.
+
+The data are a synthetic PNG set in the lab layout written to a temporary folder (a moving
+blob on grey; skeleton-like lines on white), so this benchmark depends on nothing but cvae.
+Profiles set sizes only: smoke (tiny dims, for tests), cpu and full (lab dims).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from cvae.losses import kl_standard_normal, reconstruction_mse
+from cvae.model import VideoCVAE, reparameterize
+from cvae.packed import PackedTrainer
+from cvae.schedules import ConstantKL, CyclicalKL, MonotonicKL, TeacherForcing
+from cvae.train import FitConfig, Hooks, evaluate, new_fit_state, train_epoch
+
+
+@dataclass(frozen=True)
+class Profile:
+    frame_dim: int
+    label_dim: int
+    latent_dim: int
+    decoder_dim: int
+    steps: int  # timed optimizer steps per path
+    warmup: int  # untimed steps before
+    eval_frames: int
+    encoder_width: int = 16  # the lab's frame encoder widths are 16/32/64
+    height: int = 32
+    width: int = 64
+    clip_length: int = 16
+    batch_size: int = 2
+    png_clips: int = 4  # clips in the PNG set (the reference loader cycles over it)
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(16, 8, 4, 16, steps=2, warmup=1, eval_frames=64, encoder_width=4,
+                     clip_length=8),
+    "cpu": Profile(128, 32, 12, 192, steps=2, warmup=1, eval_frames=630),
+    "full": Profile(128, 32, 12, 192, steps=30, warmup=5, eval_frames=630),
+}
+
+# Dense peak FLOP/s by GPU (spec sheets); MFU is reported against these, never guessed.
+PEAKS: dict[str, dict[str, float]] = {
+    "H100 PCIe": {"bf16": 756e12, "fp32": 51.2e12},
+    "H100": {"bf16": 989.4e12, "fp32": 66.9e12},  # SXM
+    "H200": {"bf16": 989.4e12, "fp32": 66.9e12},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: a synthetic PNG set in the lab layout
+# ---------------------------------------------------------------------------------------------
+def _synthetic_frame(t: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frame t: a coloured blob moving on a grey studio; its label: coloured lines on white."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    cy = height * (0.5 + 0.2 * np.sin(t / 7.0))
+    cx = width * (0.5 + 0.3 * np.sin(t / 11.0))
+    frame = np.full((height, width, 3), 200, np.float32) - 20 * y[..., None] / height
+    blob = ((y - cy) / (0.25 * height)) ** 2 + ((x - cx) / (0.08 * width)) ** 2 < 1
+    frame[blob] = (60, 90 + 40 * np.sin(t / 5.0), 150)
+    label = np.full((height, width, 3), 255, np.float32)
+    for angle, colour in zip((0.3, 1.9, 3.5, 5.0), ((255, 0, 0), (0, 200, 0), (0, 0, 255),
+                                                    (255, 170, 0))):
+        a = angle + 0.4 * np.sin(t / 6.0)
+        along = (x - cx) * np.cos(a) + (y - cy) * np.sin(a)
+        across = -(x - cx) * np.sin(a) + (y - cy) * np.cos(a)
+        label[(np.abs(across) < 0.02 * width) & (along > 0) & (along < 0.2 * width)] = colour
+    return frame.clip(0, 255).astype(np.uint8), label.astype(np.uint8)
+
+
+def write_png_set(root: Path, *, frames: int, height: int, width: int) -> Path:
+    """ROOT/train/train_img/frame{i}.png and ROOT/train/train_label/frame{i}.png, written at
+    4x the training size (the loader resizes, as the template does)."""
+    img_dir, label_dir = root / "train" / "train_img", root / "train" / "train_label"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    label_dir.mkdir(parents=True, exist_ok=True)
+    for t in range(frames):
+        frame, label = _synthetic_frame(t, 4 * height, 4 * width)
+        Image.fromarray(frame).save(img_dir / f"frame{t}.png")
+        Image.fromarray(label).save(label_dir / f"frame{t}.png")
+    return root
+
+
+def synthetic_sequence(length: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A validation sequence as uint8 tensors (L, 3, H, W), frames and labels."""
+    pairs = [_synthetic_frame(1000 + t, height, width) for t in range(length)]
+    frames = torch.from_numpy(np.stack([f for f, _ in pairs])).permute(0, 3, 1, 2)
+    labels = torch.from_numpy(np.stack([lab for _, lab in pairs])).permute(0, 3, 1, 2)
+    return frames.contiguous(), labels.contiguous()
+
+
+class TemplateClips(Dataset):
+    """The course template's loader: every item opens T frame and T label PNGs with PIL and
+    resizes them (``transforms.Resize`` + ``ToTensor``), every epoch."""
+
+    def __init__(self, root: Path, *, clip_length: int, height: int, width: int):
+        self.frames = sorted((root / "train" / "train_img").glob("*.png"),
+                             key=lambda p: int("".join(c for c in p.stem if c.isdigit())))
+        self.labels = [root / "train" / "train_label" / p.name for p in self.frames]
+        self.clip_length = clip_length
+        self.transform = transforms.Compose([transforms.Resize((height, width)),
+                                             transforms.ToTensor()])
+
+    def __len__(self) -> int:
+        return len(self.frames) // self.clip_length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        span = range(index * self.clip_length, (index + 1) * self.clip_length)
+        return (torch.stack([self._load(self.frames[i]) for i in span]),
+                torch.stack([self._load(self.labels[i]) for i in span]))  # (T, 3, H, W) each
+
+    def _load(self, path: Path) -> torch.Tensor:
+        return self.transform(Image.open(path).convert("RGB"))
+
+
+def decode_once(dataset: TemplateClips) -> tuple[torch.Tensor, torch.Tensor]:
+    """The project's way: decode every clip once into uint8 (N, T, 3, H, W)."""
+    pairs = [dataset[i] for i in range(len(dataset))]
+    frames = torch.stack([f for f, _ in pairs])
+    labels = torch.stack([lab for _, lab in pairs])
+    return (frames * 255).round().to(torch.uint8), (labels * 255).round().to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model FLOPs
+# ---------------------------------------------------------------------------------------------
+def conv_macs(model: nn.Module, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> int:
+    """Multiply-accumulates of the Conv2d layers of ``model`` that ``fn(*inputs)`` runs, per
+    batch element: output elements x (in_channels / groups) x kernel area."""
+    total = 0
+
+    def hook(conv: nn.Conv2d, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = conv.kernel_size
+        total += output[0].numel() * (conv.in_channels // conv.groups) * kh * kw
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            fn(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def model_macs(model: VideoCVAE, height: int, width: int) -> dict[str, int]:
+    """MACs of one frame step: ``train`` runs every module once (frame encoder, label
+    encoder, learned prior if any, posterior head, fusion, generator); ``eval`` skips the
+    posterior head."""
+    model = copy.deepcopy(model).float().eval().cpu()
+    frame = torch.zeros(1, 3, height, width)
+    with torch.no_grad():
+        frame_features = model.frame_encoder(frame)
+        label_features = model.label_encoder(frame)
+        z = torch.zeros(1, model.latent_dim, height, width)
+        calls = [(model.frame_encoder, (frame,)), (model.label_encoder, (frame,)),
+                 (model.decode_from_features, (frame_features, label_features, z))]
+        if model.prior_head is not None:
+            calls.append((model.prior_from_features, (frame_features, label_features)))
+        shared = sum(conv_macs(model, fn, inputs) for fn, inputs in calls)
+        posterior = conv_macs(model, model.posterior_from_features,
+                              (frame_features, label_features))
+    return {"train": shared + posterior, "eval": shared}
+
+
+# ---------------------------------------------------------------------------------------------
+# The three paths
+# ---------------------------------------------------------------------------------------------
+def reference_step(model: VideoCVAE, optimizer: torch.optim.Optimizer, frames: torch.Tensor,
+                   labels: torch.Tensor, *, beta: float, teacher_forcing: bool) -> float:
+    """The template's training_one_step (with the report's detach and sigmoid): per time step
+    encode the previous frame, the label and the current frame, then decode."""
+    frames, labels = frames.transpose(0, 1), labels.transpose(0, 1)  # (T, B, 3, H, W)
+    loss = frames.new_zeros(())
+    prev = frames[0]
+    for t in range(1, frames.shape[0]):
+        prev_features = model.frame_encoder(prev).detach()
+        label_features = model.label_encoder(labels[t])
+        mu, logvar = model.posterior_from_features(model.frame_encoder(frames[t]), label_features)
+        z = reparameterize(mu, logvar, torch.randn_like(mu))
+        x_hat = model.activate(model.decode_from_features(prev_features, label_features, z))
+        loss = loss + reconstruction_mse(x_hat, frames[t]) + beta * kl_standard_normal(mu, logvar)
+        prev = frames[t] if teacher_forcing else x_hat
+    optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()  # the template reads the loss every batch (its progress bar)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(device: torch.device, run: Callable[[], Any]) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    run()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+Stepper = Callable[[], None]  # one optimizer step (of every member) per call
+
+
+def reference_stepper(model: VideoCVAE, dataset: TemplateClips, *, device: torch.device,
+                      batch_size: int, teacher_forcing: bool, workers: int) -> Stepper:
+    """One template step per call, data loading included: the loader goes epoch after
+    epoch over the PNG set, opening and resizing every file again."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        drop_last=True)
+
+    def batches():
+        while True:
+            yield from loader
+
+    stream = batches()
+    model.train()
+
+    def step() -> None:
+        frames, labels = next(stream)
+        reference_step(model, optimizer, frames.to(device), labels.to(device), beta=1.0,
+                       teacher_forcing=teacher_forcing)
+
+    return step
+
+
+def _member_config(index: int, *, profile: Profile, teacher_forcing: bool) -> FitConfig:
+    """Members of an ablation: KL kinds and learning rates differ, the rest is the lab's."""
+    kl = (CyclicalKL(cycles=10, ratio=1.0), MonotonicKL(ratio=0.5), ConstantKL(1.0))[index % 3]
+    return FitConfig(epochs=1_000, batch_size=profile.batch_size, lr=1e-3 * (1 + index % 2),
+                     lr_schedule="constant", kl=kl, grad_clip=1.0,
+                     teacher_forcing=TeacherForcing(ratio=1.0 if teacher_forcing else 0.0,
+                                                    decay_start=1_000))
+
+
+def _one_batch_epochs(clips: torch.Tensor, labels: torch.Tensor, batch_size: int):
+    """Endless (clips, labels) pairs of one batch each, cycling over the decoded set: each is
+    a one-step epoch for ``train_epoch``."""
+    start = 0
+    while True:
+        index = (start + torch.arange(batch_size, device=clips.device)) % clips.shape[0]
+        start += batch_size
+        yield clips[index], labels[index]
+
+
+def runner_stepper(state, config: FitConfig, clips: torch.Tensor, labels: torch.Tensor, *,
+                   device: torch.device, autocast: torch.dtype | None) -> Stepper:
+    """One ``cvae.train.train_epoch`` of one batch per call (its per-epoch host sync
+    included); bf16: the whole step under autocast."""
+    data = _one_batch_epochs(clips, labels, config.batch_size)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=autocast) if autocast else nullcontext():
+            train_epoch(state, *next(data), config, Hooks())
+        state.epoch += 1
+
+    return step
+
+
+def packed_stepper(trainer: PackedTrainer, clips: torch.Tensor,
+                   labels: torch.Tensor) -> Stepper:
+    data = _one_batch_epochs(clips, labels, trainer.configs[0].batch_size)
+
+    def step() -> None:
+        trainer.train_epoch(*next(data))
+        for state in trainer.states:
+            state.epoch += 1
+
+    return step
+
+
+def compile_model(model: VideoCVAE) -> None:
+    """torch.compile each module the rollout calls (in place: state_dict keys unchanged)."""
+    for name in ("frame_encoder", "label_encoder", "posterior_head", "decoder_fusion",
+                 "generator", "prior_head"):
+        module = getattr(model, name)
+        if module is not None:
+            module.compile()
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+def _peaks(device: torch.device) -> tuple[dict[str, float], str]:
+    if device.type != "cuda":
+        return {}, "no peak for CPUs: MFU not reported"
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAKS.items():
+        if all(word in name for word in key.split()):
+            tf32 = ("on: fp32 convolutions may run on TF32 tensor cores, so fp32 MFU can pass 1"
+                    if torch.backends.cudnn.allow_tf32 else "off")
+            return peaks, (f"{name} as {key}: dense BF16 tensor core {peaks['bf16'] / 1e12:.1f} "
+                           f"TFLOP/s; FP32 non-tensor-core {peaks['fp32'] / 1e12:.1f} TFLOP/s "
+                           f"(cuDNN TF32 {tf32})")
+    return {}, f"{name}: no peak on record, MFU not reported"
+
+
+def _rate(frame_steps: int, seconds: float, flops_per_step: float, peak: float | None,
+          reference: float | None) -> dict[str, float | None]:
+    rate = frame_steps / seconds
+    achieved = rate * flops_per_step
+    return {"frame_steps": frame_steps, "seconds": seconds, "frame_steps_per_s": rate,
+            "gflops_per_s": achieved / 1e9,
+            "speedup_vs_reference": rate / reference if reference else 1.0,
+            "mfu": achieved / peak if peak else None}
+
+
+def _table(result: dict[str, Any]) -> str:
+    dims = result["dims"]
+    lines = [
+        (f"device {result['device']} ({result['device_name']}, {result['threads']} threads, "
+         f"load {result['load_average']:.1f}); torch {result['torch']}"),
+        (f"profile {result['profile']}: dims {dims['frame']}/{dims['label']}/{dims['latent']}/"
+         f"{dims['decoder']} at {result['frame_size'][0]}x{result['frame_size'][1]}, clips of "
+         f"{result['clip_length']}, batch {result['batch_size']}, {result['steps']} timed steps "
+         f"after {result['warmup_steps']} warm-up, teacher forcing "
+         f"{'on' if result['teacher_forcing'] else 'off'}"),
+        (f"model: {result['macs_per_frame_step'] / 1e9:.3f} GMAC per frame step forward (from "
+         f"the conv shapes), {result['flops_per_frame_step'] / 1e9:.2f} GFLOP with backward"),
+        f"peak: {result['peak_basis']}",
+        "",
+        f"{'path':<44}{'frame-steps/s':>14}{'x (a)':>8}{'GFLOP/s':>10}{'MFU':>8}",
+    ]
+    for key, label in (("reference", "(a) reference: template loop, PIL, NCHW"),
+                       ("runner", "(b) runner: cvae.train, 1 run, channels_last"),
+                       ("packed", f"(c) packed: {result['members']} members, channels_last"),
+                       ("runner_bf16", "(b) runner, bf16 autocast"),
+                       ("packed_bf16", f"(c) packed: {result['members']} members, bf16")):
+        if key in result["paths"]:
+            p = result["paths"][key]
+            mfu = f"{p['mfu']:.1%}" if p["mfu"] is not None else "-"
+            lines.append(f"{label:<44}{p['frame_steps_per_s']:>14.2f}"
+                         f"{p['speedup_vs_reference']:>8.2f}{p['gflops_per_s']:>10.1f}{mfu:>8}")
+    packed, runner = result["paths"]["packed"], result["paths"]["runner"]
+    lines.append(f"packed vs {result['members']} single runs one after another: "
+                 f"{packed['frame_steps_per_s'] / runner['frame_steps_per_s']:.2f}x")
+    ev = result["eval"]
+    lines.append(f"evaluation: {ev['frames']}-frame rollout (cvae.train.evaluate): "
+                 f"{ev['frames_per_s']:.1f} frames/s, {ev['gflops_per_s']:.1f} GFLOP/s")
+    if "bf16_quality" in result:
+        q = result["bf16_quality"]
+        lines.append(f"bf16 effect, measured: after {q['steps']} steps from the same start, val "
+                     f"PSNR (prior mean, {q['frames']} frames) fp32 {q['val_psnr_fp32']:.3f} dB, "
+                     f"bf16 {q['val_psnr_bf16']:.3f} dB")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    profile = PROFILES[args.profile]
+    steps = args.steps or profile.steps
+    dims = {"frame_dim": profile.frame_dim, "label_dim": profile.label_dim,
+            "latent_dim": profile.latent_dim, "decoder_dim": profile.decoder_dim,
+            "encoder_width": profile.encoder_width}
+    teacher_forcing = args.teacher_forcing == "on"
+    B, T = profile.batch_size, profile.clip_length
+    peaks, peak_basis = _peaks(device)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_png_set(Path(tmp), frames=profile.png_clips * T, height=profile.height,
+                             width=profile.width)
+        dataset = TemplateClips(root, clip_length=T, height=profile.height, width=profile.width)
+        clips, labels = (x.to(device) for x in decode_once(dataset))
+        val_frames, val_labels = synthetic_sequence(profile.eval_frames, profile.height,
+                                                    profile.width)
+
+        torch.manual_seed(0)
+        initial = VideoCVAE(**dims)
+        macs = model_macs(initial, profile.height, profile.width)
+        flops_per_step = 3 * 2 * macs["train"]
+        config = _member_config(0, profile=profile, teacher_forcing=teacher_forcing)
+
+        def single(autocast: torch.dtype | None):
+            model = copy.deepcopy(initial).to(device, memory_format=torch.channels_last)
+            if args.compile:
+                compile_model(model)
+            state = new_fit_state(model, config, seed=0)
+            return state, runner_stepper(state, config, clips, labels, device=device,
+                                         autocast=autocast)
+
+        def packed(autocast: torch.dtype | None) -> Stepper:
+            states, configs = [], []
+            for k in range(args.members):
+                torch.manual_seed(k)
+                model = VideoCVAE(**dims).to(device, memory_format=torch.channels_last)
+                member = _member_config(k, profile=profile, teacher_forcing=teacher_forcing)
+                states.append(new_fit_state(model, member, seed=k))
+                configs.append(member)
+            return packed_stepper(PackedTrainer(states, configs, autocast_dtype=autocast),
+                                  clips, labels)
+
+        state_fp32, runner = single(None)
+        steppers = {
+            "reference": reference_stepper(copy.deepcopy(initial).to(device), dataset,
+                                           device=device, batch_size=B,
+                                           teacher_forcing=teacher_forcing,
+                                           workers=args.workers),
+            "runner": runner,
+            "packed": packed(None),
+        }
+        if args.bf16:
+            state_bf16, steppers["runner_bf16"] = single(torch.bfloat16)
+            steppers["packed_bf16"] = packed(torch.bfloat16)
+
+        # Timed in rounds, one step of every path per round, so that a change in the load
+        # of a shared machine falls on all paths alike.
+        for _ in range(profile.warmup):
+            for stepper in steppers.values():
+                stepper()
+        seconds = dict.fromkeys(steppers, 0.0)
+        for _ in range(steps):
+            for name, stepper in steppers.items():
+                seconds[name] += _timed(device, stepper)
+
+        paths: dict[str, dict[str, Any]] = {}
+        reference_rate = None
+        for name, total in seconds.items():
+            members = args.members if name.startswith("packed") else 1
+            peak = peaks.get("bf16" if name.endswith("bf16") else "fp32")
+            paths[name] = _rate(steps * members * B * (T - 1), total, flops_per_step, peak,
+                                reference_rate)
+            reference_rate = reference_rate or paths[name]["frame_steps_per_s"]
+
+        # Evaluation throughput, on the runner's model.
+        evaluate(state_fp32.model, val_frames[:4], val_labels[:4])  # warm-up
+        generator = torch.Generator(device=device).manual_seed(0)
+        eval_seconds = _timed(device, lambda: evaluate(state_fp32.model, val_frames,
+                                                       val_labels, generator=generator))
+        frames_per_s = (profile.eval_frames - 1) / eval_seconds
+        eval_result = {"frames": profile.eval_frames, "seconds": eval_seconds,
+                       "frames_per_s": frames_per_s,
+                       "gflops_per_s": frames_per_s * 2 * macs["eval"] / 1e9}
+
+        extra: dict[str, Any] = {}
+        if args.bf16:
+            # Same start, same seed, same steps; both evaluated in fp32 with z = prior mean.
+            psnr = {name: evaluate(state.model, val_frames, val_labels, latent="prior_mean").psnr
+                    for name, state in (("fp32", state_fp32), ("bf16", state_bf16))}
+            extra["bf16_quality"] = {"steps": profile.warmup + steps,
+                                     "frames": profile.eval_frames,
+                                     "val_psnr_fp32": psnr["fp32"], "val_psnr_bf16": psnr["bf16"]}
+
+    result = {
+        "device": device.type,
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else _cpu_name()),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
+        "profile": args.profile,
+        "dims": {"frame": profile.frame_dim, "label": profile.label_dim,
+                 "latent": profile.latent_dim, "decoder": profile.decoder_dim,
+                 "encoder_width": profile.encoder_width},
+        "frame_size": [profile.height, profile.width],
+        "clip_length": T,
+        "batch_size": B,
+        "members": args.members,
+        "steps": steps,
+        "warmup_steps": profile.warmup,
+        "teacher_forcing": teacher_forcing,
+        "compile": args.compile,
+        "reference_workers": args.workers,
+        "macs_per_frame_step": macs["train"],
+        "flops_per_frame_step": flops_per_step,
+        "eval_macs_per_frame": macs["eval"],
+        "peak_flops": peaks,
+        "peak_basis": peak_basis,
+        "paths": paths,
+        "eval": eval_result,
+        **extra,
+    }
+    return result
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", choices=tuple(PROFILES), default="cpu")
+    parser.add_argument("--members", type=int, default=3, help="K members for the packed path")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed optimizer steps per path (default: the profile's)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time bf16 autocast and measure its val PSNR effect")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the runner path's modules")
+    parser.add_argument("--teacher-forcing", choices=("on", "off"), default="off",
+                        help="off: the report's final setting (tfr 0)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="DataLoader workers of the reference (the template's default is 4)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
+    if args.members < 1 or (args.steps is not None and args.steps < 1):
+        parser.error("--members and --steps must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    result = run(args)
+    print(_table(result))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+"""Train the K members of an ablation (arms x seeds) as one batched computation.
+
+Members share the architecture, so every step stacks each parameter over the members,
+(K, ...), and runs ONE vmapped rollout (``torch.func.vmap`` over ``functional_call`` on a
+meta-device copy of the model): a convolution over stacked weights becomes one grouped
+convolution with K times the groups, so K small runs cost about one launch sequence on a GPU.
+
+What each member keeps to itself, exactly as when trained alone with ``cvae.train``:
+- its ``FitState``: the model's parameters, its own torch.optim optimizer (Adam, AdamW, any
+  lr and weight decay), its data and noise ``torch.Generator``s;
+- its ``FitConfig``: lr schedule, KL beta schedule, teacher forcing, gradient clipping;
+- its output activation (sigmoid or identity, a per-member mask when they differ);
+- its BatchNorm statistics: the buffers are stacked (K, C) during an epoch; under vmap the
+  in-place running-stat update of ``batch_norm`` touches each member's own slice with its own
+  batch statistics; they are written back to the member models at the end of the epoch.
+
+The parameter stack is differentiable, so ``backward`` leaves each member's gradient in its
+own model's ``.grad``; gradient clipping (``clip_grad_norm_``, one global norm per member)
+and the optimizer step then run per member with torch's own code. Random numbers are drawn
+from each member's generators in the same order and shapes as ``cvae.train.train_epoch``
+(epoch teacher-forcing draw, shuffle, per-batch draws; eps per time step), so a packed member
+sees the same shuffles, teacher-forcing draws and eps as alone: the result is the single-run
+result within floating-point tolerance (tests/test_packed.py).
+
+Because the member ``FitState``s stay the source of truth, checkpoints, ``evaluate`` and
+everything else of the single-run code apply to them unchanged (``unpack`` returns them).
+
+    trainer = PackedTrainer(states, configs)          # states from cvae.train.new_fit_state
+    fit_packed(trainer, clips, clip_labels, val_frames, val_labels, hooks=per_member_hooks)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from cvae.losses import kl_gaussians, kl_standard_normal, reconstruction_mse
+from cvae.model import VideoCVAE, reparameterize
+from cvae.schedules import kl_beta
+from cvae.train import (
+    FitConfig,
+    FitState,
+    Hooks,
+    NonFiniteLossError,
+    _draw,
+    evaluate,
+    lr_factor,
+    set_lr,
+    to_unit,
+)
+
+
+class PackedNonFiniteLossError(NonFiniteLossError):
+    """Some members produced a non-finite loss. The epoch was completed for everyone;
+    ``members`` are the failed indices and ``metrics`` every member's epoch metrics, so a
+    caller can drop the failed members and rebuild a trainer over the rest."""
+
+    def __init__(self, message: str, *, members: list[int], metrics: list[dict[str, float]]):
+        super().__init__(message)
+        self.members = members
+        self.metrics = metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Compatibility
+# ---------------------------------------------------------------------------------------------
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def packing_problems(states: Sequence[FitState], configs: Sequence[FitConfig]) -> list[str]:
+    """Why these members cannot train packed (empty list: they can).
+
+    Must match: architecture (dims, prior), device and dtype, batch size, epochs, the
+    current epoch and ``detach_prev``. May differ: seed, lr and its schedule, optimizer
+    (each member steps its own), KL schedule, teacher forcing, output activation,
+    gradient clipping and the evaluation settings.
+    """
+    if len(states) != len(configs):
+        return [f"{len(states)} states but {len(configs)} configs"]
+    if not states:
+        return ["no members"]
+    problems = []
+    first_model, first_config = states[0].model, configs[0]
+    first_param = next(first_model.parameters())
+    for k, (state, config) in enumerate(zip(states, configs)):
+        model = state.model
+        if type(model) is not type(first_model) or _shapes(model) != _shapes(first_model):
+            problems.append(f"member {k}: architecture differs from member 0 (dims or prior)")
+        param = next(model.parameters())
+        if (param.device, param.dtype) != (first_param.device, first_param.dtype):
+            problems.append(f"member {k}: on {param.device}/{param.dtype}, "
+                            f"member 0 on {first_param.device}/{first_param.dtype}")
+        for name in ("batch_size", "epochs", "detach_prev"):
+            if getattr(config, name) != getattr(first_config, name):
+                problems.append(f"member {k}: {name}={getattr(config, name)!r}, "
+                                f"member 0 has {getattr(first_config, name)!r}")
+        if state.epoch != states[0].epoch:
+            problems.append(f"member {k}: at epoch {state.epoch}, member 0 at {states[0].epoch}")
+    return problems
+
+
+def packable(states: Sequence[FitState], configs: Sequence[FitConfig]) -> bool:
+    """True when ``PackedTrainer(states, configs)`` accepts these members."""
+    return not packing_problems(states, configs)
+
+
+# ---------------------------------------------------------------------------------------------
+# One member's training rollout (runs under vmap, one member's tensors at a time)
+# ---------------------------------------------------------------------------------------------
+class _MemberRollout(nn.Module):
+    """Shell whose ``forward`` is ``cvae.train.rollout`` + the loss of ``_train_step_tensors``
+    for ONE member; ``functional_call`` swaps in that member's parameters and buffers.
+
+    Kept step for step the same as ``cvae.train.rollout`` (posterior latent, lab KL), except
+    that eps arrives pre-drawn and the output activation and teacher forcing may be
+    per-member masks.
+    """
+
+    def __init__(self, model: VideoCVAE):
+        super().__init__()
+        self.model = copy.deepcopy(model).to("meta")  # structure only: tensors come per call
+
+    def forward(
+        self,
+        frames: torch.Tensor,  # (B, T, 3, H, W) uint8
+        labels: torch.Tensor,  # (B, T, 3, H, W) uint8
+        eps: torch.Tensor,  # (T-1, B, N, H, W)
+        beta: torch.Tensor,  # ()
+        teacher_forcing: torch.Tensor,  # () bool, read only when teacher_mode == "mixed"
+        sigmoid: torch.Tensor,  # () bool, read only when activation == "mixed"
+        *,
+        teacher_mode: str,  # "all" | "none" | "mixed": which members use teacher forcing
+        activation: str,  # "sigmoid" | "identity" | "mixed"
+        detach_prev: bool,
+    ) -> torch.Tensor:
+        model = self.model
+        frames, labels = to_unit(frames), to_unit(labels)
+        B, T = frames.shape[:2]
+        label_features = model.label_encoder(labels.flatten(0, 1)).unflatten(0, (B, T))
+        truth_features = model.frame_encoder(frames[:, 1:].flatten(0, 1)).unflatten(0, (B, T - 1))
+        if teacher_mode == "all":
+            prev_all = model.frame_encoder(frames[:, :-1].flatten(0, 1)).unflatten(0, (B, T - 1))
+
+        mses, kls = [], []
+        prev = frames[:, 0]
+        for t in range(1, T):
+            if teacher_mode == "all":
+                prev_features = prev_all[:, t - 1]
+            else:
+                prev_features = model.frame_encoder(prev)
+            if detach_prev:
+                prev_features = prev_features.detach()
+            label_t = label_features[:, t]
+            mu, logvar = model.posterior_from_features(truth_features[:, t - 1], label_t)
+            z = reparameterize(mu, logvar, eps[t - 1])
+            raw = model.decode_from_features(prev_features, label_t, z)
+            if activation == "sigmoid":
+                x_hat = torch.sigmoid(raw)
+            elif activation == "identity":
+                x_hat = raw
+            else:
+                x_hat = torch.where(sigmoid, torch.sigmoid(raw), raw)
+            mses.append(reconstruction_mse(x_hat, frames[:, t]))
+            if model.prior_head is None:
+                kls.append(kl_standard_normal(mu, logvar))
+            else:
+                kls.append(kl_gaussians(mu, logvar, *model.prior_from_features(prev_features,
+                                                                               label_t)))
+            if teacher_mode == "none":
+                prev = x_hat
+            elif teacher_mode == "mixed":
+                prev = torch.where(teacher_forcing, frames[:, t], x_hat)
+        mse_sum, kl_sum = torch.stack(mses).sum(), torch.stack(kls).sum()
+        loss = mse_sum + beta * kl_sum  # sum over steps of [MSE_t + beta * KL_t]
+        return torch.stack([loss, mse_sum / (T - 1), kl_sum / (T - 1)])
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack member tensors on a new dim 0, keeping channels_last 4-D weights channels_last
+    (so the grouped convolution vmap builds stays in that layout)."""
+    first = tensors[0]
+    if (first.dim() == 4 and not first.is_contiguous()
+            and first.is_contiguous(memory_format=torch.channels_last)):
+        # (K, O, kh, kw, I) contiguous viewed as (K, O, I, kh, kw): channels_last per member.
+        return torch.stack([t.permute(0, 2, 3, 1) for t in tensors]).permute(0, 1, 4, 2, 3)
+    return torch.stack(tensors)
+
+
+def _mode(flags: Sequence[bool], *, yes: str, no: str) -> str:
+    return yes if all(flags) else no if not any(flags) else "mixed"
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+class PackedTrainer:
+    """K members trained in lockstep as one batched computation.
+
+    ``states``: one ``FitState`` per member (``cvae.train.new_fit_state``; models already on
+    the device, in any memory format, all the same architecture); ``configs``: one
+    ``FitConfig`` each. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward under
+    autocast: opt-in, not bit-comparable with fp32 single runs.
+    """
+
+    def __init__(self, states: Sequence[FitState], configs: Sequence[FitConfig], *,
+                 autocast_dtype: torch.dtype | None = None):
+        problems = packing_problems(states, configs)
+        if problems:
+            raise ValueError("members cannot be packed: " + "; ".join(problems))
+        self.states, self.configs = list(states), list(configs)
+        self.autocast_dtype = autocast_dtype
+        self._shell = _MemberRollout(self.states[0].model)
+        self._sigmoid = [s.model.output_activation == "sigmoid" for s in self.states]
+
+    @property
+    def size(self) -> int:
+        return len(self.states)
+
+    @property
+    def epoch(self) -> int:
+        return self.states[0].epoch
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.states[0].model.parameters()).device
+
+    def unpack(self) -> list[FitState]:
+        """The member states, up to date: parameters, BatchNorm buffers, optimizer state and
+        generators live there between epochs, so checkpoints and ``evaluate`` use them as is."""
+        return self.states
+
+    # -- one epoch -------------------------------------------------------------------------
+    def train_epoch(self, clips: torch.Tensor, clip_labels: torch.Tensor,
+                    hooks: Sequence[Hooks] | None = None) -> list[dict[str, float]]:
+        """One pass of every member over its own shuffle of ``clips`` (N, T, 3, H, W) uint8;
+        returns one metrics dict per member with the keys of ``cvae.train.train_epoch``.
+
+        Like ``cvae.train.train_epoch`` it reads ``state.epoch`` and leaves it to the caller
+        (``fit_packed``) to advance.
+        """
+        states, configs, device = self.states, self.configs, self.device
+        dtype = next(states[0].model.parameters()).dtype
+        K, epoch = self.size, self.epoch
+        batch_size = configs[0].batch_size
+        if hooks is not None and len(hooks) != K:
+            raise ValueError(f"{len(hooks)} hooks for {K} members")
+        self._shell.train()  # the shell's BatchNorm mode is the one vmap runs
+
+        # Host-side schedule of the whole epoch, drawn in train_epoch's order per member.
+        lrs, tf_ratios, orders, use_tf, betas = [], [], [], [], []
+        batches_per_epoch = -(-clips.shape[0] // batch_size)
+        for state, config in zip(states, configs):
+            state.model.train()
+            lrs.append(set_lr(state.optimizer, config.lr, lr_factor(
+                epoch, kind=config.lr_schedule, epochs=config.epochs,
+                milestones=config.lr_milestones, gamma=config.lr_gamma)))
+            ratio = config.teacher_forcing.ratio_at(epoch)
+            epoch_tf = _draw(state.data_generator, ratio)
+            orders.append(torch.randperm(clips.shape[0], generator=state.data_generator))
+            draws = [epoch_tf] * batches_per_epoch
+            if config.teacher_forcing.mode == "batch":
+                draws = [_draw(state.data_generator, ratio) for _ in range(batches_per_epoch)]
+            tf_ratios.append(ratio)
+            use_tf.append([d and ratio > 0 for d in draws])
+            betas.append([kl_beta(config.kl, epoch=epoch, epochs=config.epochs, batch=index,
+                                  batches_per_epoch=batches_per_epoch)
+                          for index in range(batches_per_epoch)])
+
+        # Device copies made once per epoch: no host sync inside the batch loop.
+        order = torch.stack(orders).to(clips.device)  # (K, N)
+        beta_all = torch.tensor(betas, dtype=dtype).T.contiguous().to(device)  # (n, K)
+        tf_all = torch.tensor(use_tf).T.contiguous().to(device)  # (n, K)
+        sigmoid = torch.tensor(self._sigmoid, device=device)  # (K,)
+        buffers = self._stack_buffers()
+        member_params = [dict(state.model.named_parameters()) for state in states]
+
+        totals = torch.zeros(K, 3, device=device, dtype=torch.float64)
+        for index, batch in enumerate(order.split(batch_size, dim=1)):  # batch: (K, b)
+            values = self._step(
+                clips[batch].to(device, non_blocking=True),
+                clip_labels[batch].to(device, non_blocking=True),
+                member_params, buffers, beta=beta_all[index], teacher_forcing=tf_all[index],
+                sigmoid=sigmoid, teacher_flags=[flags[index] for flags in use_tf])
+            totals += values.double()
+            for hook in hooks or ():
+                hook.on_batch(epoch, index, batches_per_epoch)
+        self._write_back_buffers(buffers)
+
+        means = (totals / batches_per_epoch).tolist()  # one host sync per epoch
+        metrics = [{"train/loss": loss, "train/mse": mse, "train/kl": kl,
+                    "train/beta": betas[k][-1], "train/tfr": tf_ratios[k], "train/lr": lrs[k]}
+                   for k, (loss, mse, kl) in enumerate(means)]
+        failed = [k for k, values in enumerate(means) if not all(map(math.isfinite, values))]
+        if failed:
+            raise PackedNonFiniteLossError(
+                f"non-finite training loss at epoch {epoch} for members {failed}",
+                members=failed, metrics=metrics)
+        return metrics
+
+    # -- one batched step ------------------------------------------------------------------
+    def _step(self, frames: torch.Tensor, labels: torch.Tensor,
+              member_params: list[dict[str, nn.Parameter]],
+              buffers: dict[str, torch.Tensor], *, beta: torch.Tensor,
+              teacher_forcing: torch.Tensor, sigmoid: torch.Tensor,
+              teacher_flags: list[bool]) -> torch.Tensor:
+        """frames, labels: (K, B, T, 3, H, W) uint8. One forward for all members, one
+        backward, then each member clips and steps its own optimizer. Returns (K, 3)."""
+        states, configs = self.states, self.configs
+        _, B, T, _, H, W = frames.shape  # (K, B, T, 3, H, W)
+        # (K, ...) per parameter; differentiable, so backward fills each member's .grad.
+        params = {f"model.{name}": _stack([p[name] for p in member_params])
+                  for name in member_params[0]}
+        # eps exactly as alone: T-1 draws of (B, N, H, W) from each member's noise generator.
+        latent_dim = states[0].model.latent_dim
+        dtype = next(states[0].model.parameters()).dtype
+        eps = torch.stack([
+            torch.stack([torch.randn((B, latent_dim, H, W), generator=s.noise_generator,
+                                     device=frames.device, dtype=dtype) for _ in range(T - 1)])
+            for s in states])  # (K, T-1, B, N, H, W)
+        options = {
+            "teacher_mode": _mode(teacher_flags, yes="all", no="none"),
+            "activation": _mode(self._sigmoid, yes="sigmoid", no="identity"),
+            "detach_prev": configs[0].detach_prev,
+        }
+
+        def member(p, b, *args):
+            return functional_call(self._shell, (p, b), args, options)
+
+        autocast = (torch.autocast(frames.device.type, dtype=self.autocast_dtype)
+                    if self.autocast_dtype is not None else nullcontext())
+        with autocast:  # the forward only; backward runs in the dtypes it recorded
+            values = vmap(member)(params, buffers, frames, labels, eps, beta, teacher_forcing,
+                                  sigmoid)  # (K, 3): loss, mse, kl per member
+
+        for state in states:
+            state.optimizer.zero_grad(set_to_none=True)
+        values[:, 0].sum().backward()  # members are independent: each gets d loss_k / d theta_k
+        for state, config in zip(states, configs):
+            if config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip)
+            state.optimizer.step()
+        return values.detach()
+
+    # -- BatchNorm buffers -----------------------------------------------------------------
+    def _stack_buffers(self) -> dict[str, torch.Tensor]:
+        return {f"model.{name}": torch.stack([s.model.get_buffer(name) for s in self.states])
+                for name, _ in self.states[0].model.named_buffers()}
+
+    def _write_back_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for key, stacked in buffers.items():
+                name = key.removeprefix("model.")
+                for k, state in enumerate(self.states):
+                    state.model.get_buffer(name).copy_(stacked[k])
+
+
+# ---------------------------------------------------------------------------------------------
+# fit, packed
+# ---------------------------------------------------------------------------------------------
+def fit_packed(
+    trainer: PackedTrainer,
+    clips: torch.Tensor,
+    clip_labels: torch.Tensor,
+    val_frames: torch.Tensor,
+    val_labels: torch.Tensor,
+    *,
+    hooks: Sequence[Hooks] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> list[FitState]:
+    """``cvae.train.fit`` for every member at once: the same epochs, metrics, evaluations
+    (per member with ``cvae.train.evaluate`` and its own noise generator), best-PSNR
+    bookkeeping and hook calls, one ``Hooks`` per member."""
+    hooks = list(hooks) if hooks is not None else [Hooks() for _ in trainer.states]
+    if len(hooks) != trainer.size:
+        raise ValueError(f"{len(hooks)} hooks for {trainer.size} members")
+    epochs = trainer.configs[0].epochs
+    while trainer.epoch < epochs and not should_stop():
+        epoch = trainer.epoch
+        all_metrics = trainer.train_epoch(clips, clip_labels, hooks)
+        last = epoch == epochs - 1
+        for state, config, hook, metrics in zip(trainer.states, trainer.configs, hooks,
+                                                all_metrics):
+            if (epoch + 1) % config.eval_every == 0 or last:
+                evaluation = evaluate(state.model, val_frames, val_labels,
+                                      latent=config.eval_latent, samples=config.eval_samples,
+                                      generator=state.noise_generator)
+                metrics["val/loss"], metrics["val/psnr"] = evaluation.loss, evaluation.psnr
+                if evaluation.psnr > state.best_val_psnr:
+                    state.best_val_psnr, state.best_epoch = evaluation.psnr, epoch
+                hook.on_evaluation(epoch, evaluation)
+            state.last_metrics = metrics
+            state.epoch = epoch + 1
+            hook.log_metrics(metrics, epoch)
+            hook.on_epoch_end(state)
+    return trainer.states

@@ -1,0 +1,220 @@
+"""Packed members against the same members trained alone with cvae.train (tiny dims, CPU).
+
+Two precisions, for two different claims:
+- float64: the packed computation IS the single-run computation, step for step (parameters,
+  BatchNorm statistics, optimizer state, RNG streams, losses agree to ~1e-10);
+- float32 (what runs): losses agree within 1e-4 relative. Parameters agree only as well as
+  fp32 Adam allows *any* change of kernel: Adam moves every weight by about +-lr whatever
+  the size of its gradient, so a weight whose gradient is a near-cancelling sum gets a step
+  of either sign from rounding noise. The single run itself, NCHW vs channels_last, differs
+  by up to ~1e-3 (relative norm per tensor) after 20 steps at these dims, so that is the bound.
+"""
+
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+import cvae.packed
+import cvae.train
+from cvae.model import VideoCVAE
+from cvae.packed import PackedTrainer, fit_packed, packable, packing_problems
+from cvae.schedules import ConstantKL, CyclicalKL, MonotonicKL, TeacherForcing
+from cvae.train import FitConfig, Hooks, fit, new_fit_state, train_epoch
+
+DIMS = {"frame_dim": 8, "label_dim": 4, "latent_dim": 4, "decoder_dim": 8}
+CLIPS, T, H, W = 10, 4, 8, 16  # 10 clips / batch 2 = 5 steps per epoch
+EPOCHS = 4  # 20 optimizer steps
+# A conv bias feeding BatchNorm: BN removes its effect, its true gradient is 0, so Adam turns
+# pure rounding noise into +-lr steps in any implementation; the BN running mean carries that
+# bias along. Both are checked against that bound only.
+PRE_BATCHNORM_BIAS = "label_encoder.1.bias"
+NOISE_DRIVEN = (PRE_BATCHNORM_BIAS, "label_encoder.2.running_mean")
+
+
+@dataclass(frozen=True)
+class Member:
+    seed: int
+    optimizer: str
+    weight_decay: float
+    activation: str
+    config: FitConfig
+
+
+# Three arms that differ in everything packing allows to differ.
+MEMBERS = [
+    Member(seed=0, optimizer="adam", weight_decay=0.0, activation="sigmoid",
+           config=FitConfig(epochs=EPOCHS, lr=1e-3, lr_schedule="multistep", lr_milestones=(2,),
+                            kl=CyclicalKL(cycles=2, ratio=0.5),
+                            teacher_forcing=TeacherForcing(ratio=1.0, decay_start=1,
+                                                           decay_step=0.4),
+                            grad_clip=1.0)),
+    Member(seed=1, optimizer="adamw", weight_decay=0.01, activation="identity",
+           config=FitConfig(epochs=EPOCHS, lr=3e-4, lr_schedule="cosine",
+                            kl=MonotonicKL(ratio=0.5, per="iteration"),
+                            teacher_forcing=TeacherForcing(ratio=0.0), grad_clip=0.05)),
+    Member(seed=2, optimizer="adam", weight_decay=0.0, activation="sigmoid",
+           config=FitConfig(epochs=EPOCHS, lr=2e-3, lr_schedule="constant",
+                            kl=ConstantKL(value=0.5),
+                            teacher_forcing=TeacherForcing(ratio=0.5, mode="batch"),
+                            grad_clip=None)),
+]
+MAX_LR = max(m.config.lr for m in MEMBERS)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny tensors: one thread is faster, and immune to a busy machine's OpenMP stalls.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def float64(monkeypatch):
+    """Run the real training code in float64: frames are scaled to float64 (``to_unit`` is
+    the only place that fixes float32) and models are built in float64 (see ``_states``)."""
+    def to_unit(x):
+        return x.double().div_(255.0) if x.dtype == torch.uint8 else x.double()
+
+    monkeypatch.setattr(cvae.train, "to_unit", to_unit)
+    monkeypatch.setattr(cvae.packed, "to_unit", to_unit)
+    return torch.float64
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    clips = torch.randint(0, 256, (CLIPS, T, 3, H, W), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 256, (CLIPS, T, 3, H, W), generator=g, dtype=torch.uint8)
+    val = torch.randint(0, 256, (2, 12, 3, H, W), generator=g, dtype=torch.uint8)
+    return clips, labels, val[0], val[1]
+
+
+def _states(members=MEMBERS, *, prior="standard_normal", detach_prev=True,
+            dtype=torch.float32, memory_format=torch.contiguous_format):
+    """Fresh models (own init seeds) and fit states, built the way the runner builds them."""
+    states, configs = [], []
+    for m in members:
+        torch.manual_seed(1000 + m.seed)
+        model = VideoCVAE(**DIMS, output_activation=m.activation, prior=prior)
+        model = model.to(dtype=dtype, memory_format=memory_format)
+        config = replace(m.config, detach_prev=detach_prev)
+        states.append(new_fit_state(model, config, seed=m.seed, optimizer=m.optimizer,
+                                    weight_decay=m.weight_decay))
+        configs.append(config)
+    return states, configs
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / a.norm().clamp_min(1e-30))
+
+
+def _assert_same_state(alone, packed, *, rtol: float, steps: int = 2 * EPOCHS * 5):
+    packed_state = packed.model.state_dict()
+    for name, a in alone.model.state_dict().items():
+        b = packed_state[name]
+        if name in NOISE_DRIVEN:
+            assert (a - b).abs().max() <= 2 * MAX_LR * steps, name
+        elif a.is_floating_point():
+            assert _relative_error(a, b) <= rtol, f"{name}: {_relative_error(a, b):.2e}"
+        else:
+            assert torch.equal(a, b), name  # num_batches_tracked
+    if rtol <= 1e-6:  # the optimizer state is as comparable as the parameters it came from
+        opt_a, opt_b = alone.optimizer.state_dict(), packed.optimizer.state_dict()
+        assert opt_a["param_groups"] == opt_b["param_groups"]
+        names = [n for n, _ in alone.model.named_parameters()]
+        for index, state_a in opt_a["state"].items():
+            if names[index] == PRE_BATCHNORM_BIAS:
+                continue
+            for key, value in state_a.items():
+                assert _relative_error(value, opt_b["state"][index][key]) <= rtol, key
+    assert torch.equal(alone.data_generator.get_state(), packed.data_generator.get_state())
+    assert torch.equal(alone.noise_generator.get_state(), packed.noise_generator.get_state())
+
+
+def _train_both(*, dtype, prior="standard_normal", detach_prev=True, loss_rtol,
+                memory_format=torch.contiguous_format, epochs=EPOCHS):
+    clips, labels, _, _ = _data()
+    alone, configs = _states(prior=prior, detach_prev=detach_prev, dtype=dtype)
+    together, _ = _states(prior=prior, detach_prev=detach_prev, dtype=dtype,
+                          memory_format=memory_format)
+    trainer = PackedTrainer(together, configs)
+    for epoch in range(epochs):
+        packed_metrics = trainer.train_epoch(clips, labels)
+        for k, (state, config) in enumerate(zip(alone, configs)):
+            metrics = train_epoch(state, clips, labels, config, Hooks())
+            assert packed_metrics[k].keys() == metrics.keys()
+            for key, value in metrics.items():
+                assert packed_metrics[k][key] == pytest.approx(value, rel=loss_rtol, abs=1e-12), (
+                    f"epoch {epoch} member {k} {key}")
+            state.epoch = together[k].epoch = epoch + 1
+    return alone, trainer.unpack()
+
+
+@pytest.mark.parametrize("prior,detach_prev,epochs", [("standard_normal", True, EPOCHS),
+                                                    ("learned", False, 2)])
+def test_packed_is_the_single_run_computation_in_float64(float64, prior, detach_prev, epochs):
+    alone, together = _train_both(dtype=float64, prior=prior, detach_prev=detach_prev,
+                                  loss_rtol=1e-10, epochs=epochs)
+    for a, b in zip(alone, together):
+        _assert_same_state(a, b, rtol=1e-9)
+
+
+def test_packed_matches_training_alone_in_float32():
+    alone, together = _train_both(dtype=torch.float32, loss_rtol=1e-4)
+    for a, b in zip(alone, together):
+        _assert_same_state(a, b, rtol=1e-2)
+
+
+def test_channels_last_members_pack(float64):
+    alone, together = _train_both(dtype=float64, loss_rtol=1e-10,
+                                  memory_format=torch.channels_last, epochs=1)
+    for a, b in zip(alone, together):
+        _assert_same_state(a, b, rtol=1e-9)
+
+
+def test_fit_packed_matches_fit(float64):
+    clips, labels, val_frames, val_labels = _data(1)
+    members = [replace(m, config=replace(m.config, epochs=2, eval_every=1)) for m in MEMBERS]
+    alone, configs = _states(members, dtype=float64)
+    together, _ = _states(members, dtype=float64)
+
+    class Record(Hooks):
+        def __init__(self):
+            self.logged, self.batches = [], 0
+
+        def log_metrics(self, metrics, step):
+            self.logged.append((step, dict(metrics)))
+
+        def on_batch(self, epoch, index, total):
+            self.batches += 1
+
+    hooks_alone = [Record() for _ in alone]
+    for state, config, hook in zip(alone, configs, hooks_alone):
+        fit(state, clips, labels, val_frames, val_labels, config, hooks=hook)
+    hooks_packed = [Record() for _ in together]
+    fit_packed(PackedTrainer(together, configs), clips, labels, val_frames, val_labels,
+               hooks=hooks_packed)
+    for a, b, ha, hb in zip(alone, together, hooks_alone, hooks_packed):
+        assert b.epoch == a.epoch == 2 and b.best_epoch == a.best_epoch
+        assert hb.batches == ha.batches == 10
+        assert [s for s, _ in hb.logged] == [s for s, _ in ha.logged] == [0, 1]
+        for (_, ma), (_, mb) in zip(ha.logged, hb.logged):
+            assert mb.keys() == ma.keys() and "val/psnr" in mb
+            for key in ma:
+                assert mb[key] == pytest.approx(ma[key], rel=1e-9), key
+        _assert_same_state(a, b, rtol=1e-9, steps=10)
+
+
+def test_packable_reports_what_differs():
+    states, configs = _states()
+    assert packable(states, configs)
+    odd = new_fit_state(VideoCVAE(**{**DIMS, "latent_dim": 8}), configs[0], seed=3)
+    assert not packable([states[0], odd], configs[:2])
+    assert any("architecture" in p for p in packing_problems([states[0], odd], configs[:2]))
+    other_batch = [configs[0], replace(configs[1], batch_size=4)]
+    assert any("batch_size" in p for p in packing_problems(states[:2], other_batch))
+    with pytest.raises(ValueError, match="cannot be packed"):
+        PackedTrainer(states[:2], other_batch)
