@@ -57,9 +57,10 @@ from cvae.train import (
 
 
 class PackedNonFiniteLossError(NonFiniteLossError):
-    """Some members produced a non-finite loss. The epoch was completed for everyone;
-    ``members`` are the failed indices and ``metrics`` every member's epoch metrics, so a
-    caller can drop the failed members and rebuild a trainer over the rest."""
+    """Some members produced a non-finite loss. From ``PackedTrainer.train_epoch``: the
+    epoch was completed for everyone, ``members`` are the failed indices and ``metrics``
+    every member's epoch metrics, so a caller can go on without them. From ``fit_packed``:
+    the others have finished, ``members`` are indices into the original list."""
 
     def __init__(self, message: str, *, members: list[int], metrics: list[dict[str, float]]):
         super().__init__(message)
@@ -376,16 +377,37 @@ def fit_packed(
 ) -> list[FitState]:
     """``cvae.train.fit`` for every member at once: the same epochs, metrics, evaluations
     (per member with ``cvae.train.evaluate`` and its own noise generator), best-PSNR
-    bookkeeping and hook calls, one ``Hooks`` per member."""
+    bookkeeping and hook calls, one ``Hooks`` per member.
+
+    A member whose loss turns non-finite stops there (its state stays at the start of that
+    epoch, as ``fit`` leaves it) while the others train on; at the end
+    ``PackedNonFiniteLossError`` names every failed member (indices into the original list).
+    """
     hooks = list(hooks) if hooks is not None else [Hooks() for _ in trainer.states]
     if len(hooks) != trainer.size:
         raise ValueError(f"{len(hooks)} hooks for {trainer.size} members")
+    states = list(trainer.states)
+    active = list(range(trainer.size))  # original indices of the members still training
+    failed: list[int] = []
     epochs = trainer.configs[0].epochs
-    while trainer.epoch < epochs and not should_stop():
+    while active and trainer.epoch < epochs and not should_stop():
         epoch = trainer.epoch
-        all_metrics = trainer.train_epoch(clips, clip_labels, hooks)
+        member_hooks = [hooks[i] for i in active]
+        try:
+            all_metrics = trainer.train_epoch(clips, clip_labels, member_hooks)
+        except PackedNonFiniteLossError as error:
+            keep = [k for k in range(trainer.size) if k not in error.members]
+            failed += [active[k] for k in error.members]
+            all_metrics = [error.metrics[k] for k in keep]
+            active = [active[k] for k in keep]
+            member_hooks = [hooks[i] for i in active]
+            if not keep:
+                break
+            trainer = PackedTrainer([trainer.states[k] for k in keep],
+                                    [trainer.configs[k] for k in keep],
+                                    autocast_dtype=trainer.autocast_dtype)
         last = epoch == epochs - 1
-        for state, config, hook, metrics in zip(trainer.states, trainer.configs, hooks,
+        for state, config, hook, metrics in zip(trainer.states, trainer.configs, member_hooks,
                                                 all_metrics):
             if (epoch + 1) % config.eval_every == 0 or last:
                 evaluation = evaluate(state.model, val_frames, val_labels,
@@ -399,4 +421,7 @@ def fit_packed(
             state.epoch = epoch + 1
             hook.log_metrics(metrics, epoch)
             hook.on_epoch_end(state)
-    return trainer.states
+    if failed:
+        raise PackedNonFiniteLossError(f"non-finite training loss for members {sorted(failed)}",
+                                       members=sorted(failed), metrics=[])
+    return states

@@ -18,7 +18,13 @@ import torch
 import cvae.packed
 import cvae.train
 from cvae.model import VideoCVAE
-from cvae.packed import PackedTrainer, fit_packed, packable, packing_problems
+from cvae.packed import (
+    PackedNonFiniteLossError,
+    PackedTrainer,
+    fit_packed,
+    packable,
+    packing_problems,
+)
 from cvae.schedules import ConstantKL, CyclicalKL, MonotonicKL, TeacherForcing
 from cvae.train import FitConfig, Hooks, fit, new_fit_state, train_epoch
 
@@ -206,6 +212,33 @@ def test_fit_packed_matches_fit(float64):
             for key in ma:
                 assert mb[key] == pytest.approx(ma[key], rel=1e-9), key
         _assert_same_state(a, b, rtol=1e-9, steps=10)
+
+
+def test_a_diverging_member_stops_alone(float64):
+    clips, labels, val_frames, val_labels = _data(3)
+    members = [replace(m, config=replace(m.config, epochs=2)) for m in MEMBERS]
+    alone, configs = _states(members, dtype=float64)
+    together, _ = _states(members, dtype=float64)
+    with torch.no_grad():
+        together[1].model.generator[-1].weight.fill_(float("nan"))
+    logged = [[] for _ in together]
+
+    class Record(Hooks):
+        def __init__(self, sink):
+            self.sink = sink
+
+        def log_metrics(self, metrics, step):
+            self.sink.append(step)
+
+    with pytest.raises(PackedNonFiniteLossError) as error:
+        fit_packed(PackedTrainer(together, configs), clips, labels, val_frames, val_labels,
+                   hooks=[Record(sink) for sink in logged])
+    assert error.value.members == [1]
+    assert together[1].epoch == 0 and logged[1] == []
+    for k in (0, 2):  # the others trained on, exactly as alone
+        fit(alone[k], clips, labels, val_frames, val_labels, configs[k])
+        assert together[k].epoch == 2 and logged[k] == [0, 1]
+        _assert_same_state(alone[k], together[k], rtol=1e-9, steps=10)
 
 
 def test_packable_reports_what_differs():
