@@ -49,7 +49,7 @@ from cvae.train import (
     Hooks,
     NonFiniteLossError,
     _draw,
-    evaluate,
+    finish_epoch,
     lr_factor,
     set_lr,
     to_unit,
@@ -391,7 +391,6 @@ def fit_packed(
     failed: list[int] = []
     epochs = trainer.configs[0].epochs
     while active and trainer.epoch < epochs and not should_stop():
-        epoch = trainer.epoch
         member_hooks = [hooks[i] for i in active]
         try:
             all_metrics = trainer.train_epoch(clips, clip_labels, member_hooks)
@@ -406,21 +405,9 @@ def fit_packed(
             trainer = PackedTrainer([trainer.states[k] for k in keep],
                                     [trainer.configs[k] for k in keep],
                                     autocast_dtype=trainer.autocast_dtype)
-        last = epoch == epochs - 1
         for state, config, hook, metrics in zip(trainer.states, trainer.configs, member_hooks,
                                                 all_metrics):
-            if (epoch + 1) % config.eval_every == 0 or last:
-                evaluation = evaluate(state.model, val_frames, val_labels,
-                                      latent=config.eval_latent, samples=config.eval_samples,
-                                      generator=state.noise_generator)
-                metrics["val/loss"], metrics["val/psnr"] = evaluation.loss, evaluation.psnr
-                if evaluation.psnr > state.best_val_psnr:
-                    state.best_val_psnr, state.best_epoch = evaluation.psnr, epoch
-                hook.on_evaluation(epoch, evaluation)
-            state.last_metrics = metrics
-            state.epoch = epoch + 1
-            hook.log_metrics(metrics, epoch)
-            hook.on_epoch_end(state)
+            finish_epoch(state, config, metrics, val_frames, val_labels, hook)
     if failed:
         raise PackedNonFiniteLossError(f"non-finite training loss for members {sorted(failed)}",
                                        members=sorted(failed), metrics=[])

@@ -490,18 +490,25 @@ def fit(
     """
     hooks = hooks or Hooks()
     while state.epoch < config.epochs and not should_stop():
-        epoch = state.epoch
         metrics = train_epoch(state, clips, clip_labels, config, hooks)
-        last = epoch == config.epochs - 1
-        if (epoch + 1) % config.eval_every == 0 or last:
-            evaluation = evaluate(state.model, val_frames, val_labels, latent=config.eval_latent,
-                                  samples=config.eval_samples, generator=state.noise_generator)
-            metrics["val/loss"], metrics["val/psnr"] = evaluation.loss, evaluation.psnr
-            if evaluation.psnr > state.best_val_psnr:
-                state.best_val_psnr, state.best_epoch = evaluation.psnr, epoch
-            hooks.on_evaluation(epoch, evaluation)
-        state.last_metrics = metrics
-        state.epoch = epoch + 1
-        hooks.log_metrics(metrics, epoch)
-        hooks.on_epoch_end(state)
+        finish_epoch(state, config, metrics, val_frames, val_labels, hooks)
     return state
+
+
+def finish_epoch(state: FitState, config: FitConfig, metrics: dict[str, float],
+                 val_frames: torch.Tensor, val_labels: torch.Tensor, hooks: Hooks) -> None:
+    """After ``state.epoch``'s training: evaluate when due (every ``eval_every`` epochs and at
+    the end), track the best, advance the epoch, then log and call the epoch-end hook.
+    Shared by ``fit`` and the packed trainer so both keep the same bookkeeping."""
+    epoch = state.epoch
+    if (epoch + 1) % config.eval_every == 0 or epoch == config.epochs - 1:
+        evaluation = evaluate(state.model, val_frames, val_labels, latent=config.eval_latent,
+                              samples=config.eval_samples, generator=state.noise_generator)
+        metrics["val/loss"], metrics["val/psnr"] = evaluation.loss, evaluation.psnr
+        if evaluation.psnr > state.best_val_psnr:
+            state.best_val_psnr, state.best_epoch = evaluation.psnr, epoch
+        hooks.on_evaluation(epoch, evaluation)
+    state.last_metrics = metrics
+    state.epoch = epoch + 1
+    hooks.log_metrics(metrics, epoch)
+    hooks.on_epoch_end(state)
