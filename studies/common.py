@@ -9,7 +9,9 @@ parent run, then draws its figures and tables from the tracked data (studies.rep
   ``study_config=<hash>``; rerunning the same command reuses it, so a configuration's runs
   stay together however many times it is resumed or extended (``--seeds 0 1 2`` after
   ``--seeds 0 1`` adds seed 2 beside the others). Another profile or ``--epochs`` gets its own
-  parent, and reports never mix configurations.
+  parent, and reports never mix configurations. The parent lists its arms' resolved spec
+  hashes (tag ``spec_hashes``); its report takes the FINISHED runs with those hashes, so a run
+  reused from an older configuration (an arm whose spec did not change) is counted too.
 - Child runs: one per (arm, seed), started by ``experiments.runner.run_experiment`` with the
   experiment id and the parent id. The runner skips a (spec, seed) already FINISHED in the
   experiment and resumes a RUNNING/KILLED one from its last checkpoint: rerunning an
@@ -116,7 +118,14 @@ def _note(doc: str) -> str:
 def parent_run(client: Any, experiment_id: str, study: str, ablation: Ablation, *,
                profile: str, device: str, epochs: int, data: str | None, key: str,
                doc: str = "") -> str:
-    """Reuse this configuration's parent run (set RUNNING again) or create it."""
+    """Reuse this configuration's parent run (set RUNNING again) or create it.
+
+    ``epochs`` is the resolved number of epochs. The parent records its arms' resolved spec
+    hashes (tag ``spec_hashes``): the runs of this configuration, whichever parent created
+    them (studies.results.finished_children).
+    """
+    hashes = ",".join(spec_hash(resolve_arm(a, profile=profile, seed=0, epochs=epochs, data=data))
+                      for a in ablation.arms)
     query = f"tags.{results.PARENT_TAG} = '1' and tags.{results.TAG_CONFIG} = '{key}'"
     found = results.search_all(client, [experiment_id], query)
     if found:
@@ -124,9 +133,11 @@ def parent_run(client: Any, experiment_id: str, study: str, ablation: Ablation, 
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "git_commit", tracking.git_commit())
         client.set_tag(run_id, "device", device)
+        client.set_tag(run_id, results.TAG_SPEC_HASHES, hashes)
         return run_id
     tags = {
         "study": study, results.PARENT_TAG: "1", results.TAG_CONFIG: key,
+        results.TAG_SPEC_HASHES: hashes,
         results.TAG_ABLATION: ablation.name,
         results.TAG_SCIENTIFIC: ablation.scientific, results.TAG_REFERENCE: ablation.reference,
         results.TAG_ARMS: ",".join(a.name for a in ablation.arms),

@@ -3,10 +3,11 @@
 Everything here goes through ``MlflowClient`` (search, metric history, artifact download), so
 it works the same against the local SQLite store and an ``mlflow server``.
 
-Which runs: the FINISHED child runs of a study (``tags.study``), i.e. not the study's parent
-run (tagged ``study_parent=1``). When the study has parent runs, the children of one parent
-(by default the most recently used one) are taken: a parent stands for one configuration of
-the study (profile, epochs, data), so runs of different configurations are never averaged.
+Which runs: the FINISHED runs of a study (``tags.study``) other than its parent runs (tagged
+``study_parent=1``). When the study has parent runs, those of one parent's configuration (by
+default the most recently used parent) are taken: a parent stands for one configuration of
+the study (profile, epochs, data) and lists its arms' resolved spec hashes, so runs of
+different configurations are never averaged (``finished_children``).
 
 Two tidy tables, one row per observation:
 
@@ -41,6 +42,7 @@ TAG_ARMS = "arm_order"
 TAG_GROUPS = "group_order"
 TAG_SCIENTIFIC = "scientific"
 TAG_CONFIG = "study_config"
+TAG_SPEC_HASHES = "spec_hashes"  # the configuration's arms, as resolved spec hashes
 PARENT_ID_TAG = "mlflow.parentRunId"
 
 COLUMNS = ["run_id", "study", "arm", "group", "seed", "epoch", "metric", "value"]
@@ -139,13 +141,32 @@ def find_parents(client: Any, study: str | None = None) -> list[Any]:
 
 
 def finished_children(client: Any, study: str, parent_run_id: str | None = None) -> list[Any]:
-    """FINISHED runs of ``study`` that are not parent runs (of ``parent_run_id`` if given)."""
+    """FINISHED runs of ``study`` that are not parent runs; with ``parent_run_id``, those of
+    that parent's configuration.
+
+    A configuration's runs are those whose ``spec_hash`` is one of its arms' (the parent's
+    ``spec_hashes`` tag), whichever parent created them: a run reused by a later
+    configuration (an arm whose resolved spec did not change) belongs to both. A parent
+    without that tag (written by an older version) holds the runs that point at it. Of two
+    FINISHED runs of one (spec, seed) the newest counts, as the runner would reuse it.
+    """
     query = f"tags.study = {_quote(study)} and attributes.status = 'FINISHED'"
+    hashes: set[str] | None = None
     if parent_run_id is not None:
-        query += f" and tags.{PARENT_ID_TAG} = {_quote(parent_run_id)}"
-    runs = [r for r in search_all(client, experiment_ids(client, study), query)
-            if not is_parent(r)]
-    return sorted(runs, key=lambda r: (r.data.tags.get("arm", ""), _seed(r)))
+        tag = client.get_run(parent_run_id).data.tags.get(TAG_SPEC_HASHES)
+        if tag:
+            hashes = set(_split(tag))
+        else:
+            query += f" and tags.{PARENT_ID_TAG} = {_quote(parent_run_id)}"
+    newest: dict[tuple[str, int], Any] = {}
+    for run in search_all(client, experiment_ids(client, study), query):
+        spec = run.data.tags.get("spec_hash", run.info.run_id)
+        if is_parent(run) or (hashes is not None and spec not in hashes):
+            continue
+        key = (spec, _seed(run))
+        if key not in newest or run.info.start_time > newest[key].info.start_time:
+            newest[key] = run
+    return sorted(newest.values(), key=lambda r: (r.data.tags.get("arm", ""), _seed(r)))
 
 
 def _seed(run: Any) -> int:

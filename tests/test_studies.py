@@ -155,6 +155,17 @@ def test_two_arm_studies_in_process(module, arms, tracking_store, tmp_path):
     summary = _check_report(tmp_path / "mlruns" / "reports" / name, arms, client, children)
     assert summary.loc[arms[1], "verdict"] == "not enough seeds"
 
+    # A configuration holds its runs by spec hash: a later parent listing the same arms (say,
+    # after a code change that left these specs alone) counts them although they point at
+    # the first parent; the most recently used parent is the default.
+    (parent,) = parents
+    later = client.create_run(parent.info.experiment_id, tags={
+        "study": name, "study_parent": "1", "spec_hashes": parent.data.tags["spec_hashes"]})
+    client.set_terminated(later.info.run_id)
+    results = load_study(name, client=client, per_frame=False)
+    assert results.meta.parent_run_id == later.info.run_id
+    assert {r.info.run_id for r in results.runs} == {r.info.run_id for r in children}
+
 
 def test_tfr_report_groups_pools_kl_arms_per_group(tracking_store, tmp_path, capsys):
     arms = ["tfr_decay+kl_cyclical", "tfr_decay+kl_constant", "tfr_off+kl_cyclical",
