@@ -13,7 +13,15 @@ import sys
 from dataclasses import replace
 
 from experiments.cli import add_common, guarded, resolve_profile_and_device
-from experiments.registry import ABLATIONS, PROFILES, SPECS, apply_profile, list_specs, resolve_spec
+from experiments.registry import (
+    ABLATIONS,
+    PROFILES,
+    SPECS,
+    apply_profile,
+    explicit_keys,
+    list_specs,
+    resolve_spec,
+)
 from experiments.runner import RunContext, run_experiment
 from experiments.spec import ExperimentSpec, apply_overrides, parse_set, spec_hash, to_json
 
@@ -48,13 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolved(spec_name: str, overrides: list[str], profile: str | None, epochs: int | None,
              data: str | None = None) -> ExperimentSpec:
-    spec = apply_overrides(resolve_spec(spec_name), parse_set(overrides))
+    changes = parse_set(overrides)
+    spec = apply_overrides(resolve_spec(spec_name), changes)
+    keep = explicit_keys(spec_name) | set(changes)  # chosen by the user: the profile keeps them
     if data is not None:
         spec = replace(spec, data=replace(spec.data, source=data))
     if profile is not None:
-        spec = apply_profile(spec, profile, epochs=epochs)
+        spec = apply_profile(spec, profile, epochs=epochs, keep=keep)
     elif epochs is not None:
-        spec = apply_profile(spec, "full", epochs=epochs)
+        spec = apply_profile(spec, "full", epochs=epochs, keep=keep)
     return spec
 
 

@@ -9,7 +9,8 @@ Ablation ``kl`` (experiments.registry), reference arm ``kl_cyclical``:
   ratio 0.5, β from 0.1 to 1), ``kl_monotonic`` (one ramp, ratio 0.5, 0.1 to 1),
   ``kl_constant`` (β = 1 throughout).
 - Nuisance hyperparameters: the seed (initialisation, clip order, latent noise), averaged over
-  ``--seeds``; the learning rate, held at the report's 3e-4 here (tune it per arm with
+  ``--seeds``; the learning rate, held at the report's 3e-4 (2e-3 under the short ``cpu``
+  profile) for every arm (tune it per arm with
   ``python -m studies.tune`` before reading small differences as real).
 - Fixed hyperparameters: the rest of the report's final model (``report_final``): sigmoid
   output, N(0, I) prior, AdamW (weight decay 0.01) with cosine LR, batch 2, grad-norm clip 1,

@@ -10,7 +10,8 @@ MLflow experiment ``prior_ablation``:
   ``prior_learned`` (p(z_t | x_{t-1}, P_t), learned as in SVG-LP; the KL is taken against it
   and generation samples from it).
 - Nuisance hyperparameters: the seed, averaged over ``--seeds``; the learning rate, held at
-  3e-4 (tune it per arm with ``python -m studies.tune``).
+  3e-4 (2e-3 under the short ``cpu`` profile) for every arm (tune it per arm with
+  ``python -m studies.tune``).
 - Fixed hyperparameters: the rest of ``report_final``: cyclical KL (40 cycles, ratio 0.5,
   0.1 to 1), sigmoid output, no teacher forcing, AdamW with cosine LR, batch 2; the profile
   sets data size, widths and epochs.

@@ -41,13 +41,13 @@ import optuna
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from cvae.train import NonFiniteLossError
+from cvae.train import FitState, Hooks, NonFiniteLossError
 from experiments import tracking
 from experiments.cli import guarded
 from experiments.registry import ABLATIONS, PROFILES, Ablation, get_ablation
 from experiments.runner import DEVICES, RunContext, pick_device, run_experiment
 from experiments.spec import ExperimentSpec, SpecError
-from studies.common import config_key, parent_run, resolve_arm
+from studies.common import config_key, parent_run, resolve_arm, select_arms
 from studies.results import PARENT_ID_TAG
 
 # Arms and seeds are fixed params of enqueued trials; the distributions only name them.
@@ -156,7 +156,8 @@ def grid_lock(url: str) -> Iterator[None]:
         if not path or path == ":memory:" or url == "sqlite://":
             yield
             return
-        with open(f"{Path(path).expanduser()}.lock", "a") as handle:
+        # Not "<path>.lock": Optuna's journal file lock uses that name itself.
+        with open(f"{Path(path).expanduser()}.grid-lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -196,6 +197,7 @@ class Plan:
     data: str | None
     experiment_id: str
     parent_run_id: str
+    experiment: str = ""  # the MLflow experiment's name (the runs' `study` tag)
 
     def spec(self, arm_name: str, seed: int) -> tuple[ExperimentSpec, str]:
         """(the resolved spec, its group) for one pair."""
@@ -217,7 +219,8 @@ class Plan:
             raise SpecError(f"study {study.study_name!r} was not made by `python -m studies.queue "
                             f"coordinate` (no {', '.join(missing)} in its user attrs)")
         return cls(attrs["ablation"], attrs["profile"], attrs.get("epochs"), attrs.get("data"),
-                   attrs["experiment_id"], attrs["parent_run_id"])
+                   attrs["experiment_id"], attrs["parent_run_id"],
+                   attrs.get("experiment", study.study_name))
 
 
 def enqueue_grid(storage: str | BaseStorage, study_name: str, arms: Sequence[str],
@@ -243,13 +246,18 @@ def _enqueue(study: optuna.Study, arms: Sequence[str], seeds: Sequence[int]) -> 
 
 def coordinate(storage_url: str, study_name: str, *, ablation: str, seeds: Sequence[int],
                profile: str, epochs: int | None = None, data: str | None = None,
-               wait: bool = False, poll_interval: float = 5.0) -> dict[str, int]:
-    """Create the MLflow experiment (named after the study) and the parent run once, enqueue
-    the grid, then return, or with ``wait`` poll until no pair is waiting or running.
-    Returns the pair counts by state (see ``pair_states``)."""
+               wait: bool = False, poll_interval: float = 5.0,
+               arms: Sequence[str] | None = None, doc: str | None = None,
+               experiment: str | None = None) -> Coordinated:
+    """Create the MLflow experiment (``experiment``, default: named after the study) and the
+    parent run once, enqueue
+    the grid (``arms``: a subset of the ablation's, default all), then return, or with
+    ``wait`` poll until no pair is waiting or running. Returns the pair counts by state (see
+    ``pair_states``) with the experiment and parent run ids."""
     from mlflow.tracking import MlflowClient
 
     abl = get_ablation(ablation)
+    chosen = [a.name for a in select_arms(abl, arms)]
     if not seeds:
         raise SpecError("--seeds needs at least one seed")
     if any(s < 0 for s in seeds):
@@ -266,7 +274,8 @@ def coordinate(storage_url: str, study_name: str, *, ablation: str, seeds: Seque
             study = optuna.create_study(storage=storage, study_name=study_name,
                                         direction="maximize", load_if_exists=True)
             attrs = study.user_attrs
-        experiment_id = tracking.get_or_create_experiment(study_name)
+        experiment = experiment or study_name
+        experiment_id = tracking.get_or_create_experiment(experiment)
         client = MlflowClient()
         if "ablation" in attrs:
             had = {k: attrs.get(k) for k in wanted}
@@ -280,10 +289,10 @@ def coordinate(storage_url: str, study_name: str, *, ablation: str, seeds: Seque
                     "MLFLOW_TRACKING_URI to the store the study was created with")
         # The studies' own parent run (studies.common): one per configuration, so a queue
         # and `python -m studies.<name>` of the same configuration share it and its report.
-        key = config_key(study_name, abl, profile=profile, epochs=epochs, data=data)
-        parent_run_id = parent_run(client, experiment_id, study_name, abl, profile=profile,
+        key = config_key(experiment, abl, profile=profile, epochs=epochs, data=data)
+        parent_run_id = parent_run(client, experiment_id, experiment, abl, profile=profile,
                                    device="queue", epochs=resolved_epochs, data=data, key=key,
-                                   doc=__doc__)
+                                   doc=doc or __doc__)
         old_seeds = client.get_run(parent_run_id).data.tags.get("seeds", "").split()
         client.set_tag(parent_run_id, "seeds", " ".join(
             str(s) for s in sorted({int(s) for s in old_seeds} | set(seeds))))
@@ -291,18 +300,19 @@ def coordinate(storage_url: str, study_name: str, *, ablation: str, seeds: Seque
         client.set_tag(parent_run_id, "optuna_storage", tracking.mask_secrets(storage_url))
         with storage_errors(storage_url):
             for key, value in {**wanted, "experiment_id": experiment_id,
-                               "parent_run_id": parent_run_id}.items():
+                               "parent_run_id": parent_run_id,
+                               "experiment": experiment}.items():
                 if attrs.get(key, ...) != value:
                     study.set_user_attr(key, value)
-            _enqueue(study, [a.name for a in abl.arms], seeds)
+            _enqueue(study, chosen, seeds)
             counts = pair_states(study)
         if not (counts["waiting"] or counts["running"]):
             _close_parent(study, parent_run_id)  # nothing new: parent_run opened it again
-    say(f"study {study_name}: {len(abl.arms)} arms x {len(seeds)} seeds queued in "
+    say(f"study {study_name}: {len(chosen)} arms x {len(seeds)} seeds queued in "
         f"{storage_url} ({_counts_line(counts)}); MLflow experiment {experiment_id}, "
         f"parent run {parent_run_id}")
     if not wait:
-        return counts
+        return Coordinated(counts, experiment_id, parent_run_id)
     last = ""
     while True:
         with storage_errors(storage_url):
@@ -314,8 +324,15 @@ def coordinate(storage_url: str, study_name: str, *, ablation: str, seeds: Seque
             last = line
         if counts["waiting"] == 0 and counts["running"] == 0:
             _close_parent(study, parent_run_id)
-            return counts
+            return Coordinated(counts, experiment_id, parent_run_id)
         time.sleep(poll_interval)
+
+
+@dataclass(frozen=True)
+class Coordinated:
+    counts: dict[str, int]  # pairs by state: complete, running, waiting, failed
+    experiment_id: str
+    parent_run_id: str
 
 
 def _describe(attrs: dict[str, Any]) -> str:
@@ -444,6 +461,28 @@ def pop_waiting(study: optuna.Study, *, heartbeat: bool = False) -> int | None:
     return None
 
 
+class EpochsDone(Hooks):
+    """Records a trial's finished epochs (user attr ``epochs_done``) for progress displays."""
+
+    def __init__(self, trial: optuna.Trial):
+        self.trial = trial
+
+    def on_epoch_end(self, state: FitState) -> None:
+        with contextlib.suppress(Exception):  # progress only: never fail a run over it
+            self.trial.set_user_attr("epochs_done", int(state.epoch))
+
+
+def epochs_done(study: optuna.Study) -> int:
+    """Finished epochs over the study's pairs (a complete pair counts ``epochs_done`` of its
+    last trial; a retried pair its furthest trial)."""
+    best: dict[tuple[str, int], int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        pair = _pair(trial)
+        if pair is not None:
+            best[pair] = max(best.get(pair, 0), int(trial.user_attrs.get("epochs_done", 0)))
+    return sum(best.values())
+
+
 @dataclass
 class WorkerSummary:
     completed: int = 0
@@ -455,7 +494,7 @@ def run_worker(storage_url: str, study_name: str, *, device: str | None = None,
                max_retry: int | None = 3, poll_interval: float = 2.0, linger: bool = True,
                ablation: str | None = None, profile: str | None = None,
                epochs: int | None = None, experiment_id: str | None = None,
-               parent_run_id: str | None = None) -> WorkerSummary:
+               parent_run_id: str | None = None, threads: int | None = None) -> WorkerSummary:
     """Take (arm, seed) trials until none is waiting (and, with ``linger``, none is running
     elsewhere: a dead worker's pair comes back after ``grace_period`` and is taken here).
 
@@ -469,6 +508,10 @@ def run_worker(storage_url: str, study_name: str, *, device: str | None = None,
     from experiments.data import load_data
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per resume
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     me = f"{socket.gethostname()}:{os.getpid()}"
     journal = _is_journal(storage_url)
     retry = LoggedRetry(me=me, max_retry=max_retry)
@@ -485,7 +528,8 @@ def run_worker(storage_url: str, study_name: str, *, device: str | None = None,
         stored = Plan.from_study(study)
     plan = Plan(ablation or stored.ablation, profile or stored.profile,
                 epochs if epochs is not None else stored.epochs, stored.data,
-                experiment_id or stored.experiment_id, parent_run_id or stored.parent_run_id)
+                experiment_id or stored.experiment_id, parent_run_id or stored.parent_run_id,
+                stored.experiment)
     device = pick_device(device)
     abl = get_ablation(plan.ablation)
     tracking.configure()
@@ -550,13 +594,16 @@ def _run_trial(study: optuna.Study, storage: BaseStorage, trial_id: int, plan: P
     origin = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
     again = f" (retry of trial {origin})" if origin is not None else ""
     say(f"worker {me}: trial {trial.number}: {arm} seed {seed}{again}")
+    started = time.monotonic()
     with Heartbeat(storage, trial_id, beats):
         try:
             trial.set_user_attr("worker", me)
             spec, group = plan.spec(arm, seed)
             outcome = run_experiment(
                 spec, device=device, data=data[spec.data], progress=False,
-                context=RunContext(study=study.study_name, arm=arm, group=group,
+                hooks=EpochsDone(trial),
+                context=RunContext(study=plan.experiment or study.study_name, arm=arm,
+                                   group=group,
                                    profile=plan.profile, experiment_id=plan.experiment_id,
                                    parent_run_id=plan.parent_run_id,
                                    extra_tags={"optuna_study": study.study_name,
@@ -583,10 +630,12 @@ def _run_trial(study: optuna.Study, storage: BaseStorage, trial_id: int, plan: P
             client.set_tag(outcome.run_id, PARENT_ID_TAG, plan.parent_run_id)
     value = outcome.metrics.get("val/psnr", outcome.best_val_psnr)
     trial.set_user_attr("mlflow_run_id", outcome.run_id)
+    trial.set_user_attr("epochs_done", spec.train.epochs)
     _tell(study, trial, TrialState.COMPLETE, me, value)
     summary.completed += 1
+    what = "reused" if outcome.skipped else f"{time.monotonic() - started:.0f} s"
     say(f"worker {me}: trial {trial.number}: {arm} seed {seed} done: val/psnr {value:.2f} dB "
-        f"(run {outcome.run_id})")
+        f"(run {outcome.run_id}, {what})")
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, state: TrialState, me: str,
@@ -687,6 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="retries of a pair whose worker died (default: 3)")
     p_work.add_argument("--poll", type=float, default=2.0,
                         help="seconds between looks while others run (default: 2)")
+    p_work.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice, all cores)")
     p_work.add_argument("--no-linger", dest="linger", action="store_false",
                         help="exit as soon as nothing is waiting, instead of staying until "
                              "the pairs running elsewhere are done (to take over a dead "
@@ -701,17 +752,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "coordinate":
-        counts = coordinate(args.storage, args.study, ablation=args.ablation, seeds=args.seeds,
-                            profile=args.profile, epochs=args.epochs, data=args.data,
-                            wait=args.wait, poll_interval=args.poll)
-        return 1 if args.wait and counts["failed"] else 0
+        done = coordinate(args.storage, args.study, ablation=args.ablation, seeds=args.seeds,
+                          profile=args.profile, epochs=args.epochs, data=args.data,
+                          wait=args.wait, poll_interval=args.poll)
+        return 1 if args.wait and done.counts["failed"] else 0
     if args.command == "worker":
         if args.grace <= args.heartbeat:
             raise SpecError(f"--grace {args.grace} must exceed --heartbeat {args.heartbeat}")
         summary = run_worker(args.storage, args.study, device=args.device,
                              heartbeat_interval=args.heartbeat, grace_period=args.grace,
                              max_retry=args.max_retry, poll_interval=args.poll,
-                             linger=args.linger)
+                             linger=args.linger, threads=args.threads)
         return 1 if summary.failed else 0
     print(status_table(args.storage, args.study))
     return 0

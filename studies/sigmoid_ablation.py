@@ -9,7 +9,8 @@ as the MLflow experiment ``sigmoid_ablation``:
 - Scientific hyperparameter: the generator's output activation: ``identity`` (the template:
   unbounded output) vs ``sigmoid`` (frames live in [0, 1]); the report measured ~33 → ~36-37 dB.
 - Nuisance hyperparameters: the seed, averaged over ``--seeds``; the learning rate, held at
-  3e-4 (tune it per arm with ``python -m studies.tune``: an unbounded output may want another).
+  3e-4 (2e-3 under the short ``cpu`` profile) for every arm (tune it per arm with
+  ``python -m studies.tune``: an unbounded output may want another).
 - Fixed hyperparameters: the rest of ``report_final``: cyclical KL (40 cycles, ratio 0.5,
   0.1 to 1), no teacher forcing, N(0, I) prior, AdamW with cosine LR, batch 2; the profile
   sets data size, widths and epochs.

@@ -10,7 +10,8 @@ experiment ``tfr_ablation``:
   epoch 10 lowered by 0.1 per epoch, drawn once per epoch as in the lab) vs ``tfr_off``
   (ratio 0: the previous *generated* frame always).
 - Nuisance hyperparameters: the seed, averaged over ``--seeds``; the learning rate, held at
-  3e-4 (tune it per arm with ``python -m studies.tune``).
+  3e-4 (2e-3 under the short ``cpu`` profile) for every arm (tune it per arm with
+  ``python -m studies.tune``).
 - Fixed hyperparameters: the rest of ``report_final``: cyclical KL (40 cycles, ratio 0.5,
   0.1 to 1), sigmoid output, N(0, I) prior, AdamW with cosine LR, batch 2; the profile sets
   data size, widths and epochs.

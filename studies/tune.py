@@ -48,7 +48,7 @@ from typing import Any
 
 from experiments import tracking
 from experiments.cli import add_common, guarded, resolve_profile_and_device
-from experiments.registry import SPECS, Ablation, Arm, apply_profile, get_ablation
+from experiments.registry import SPECS, Ablation, Arm, apply_profile, explicit_keys, get_ablation
 from experiments.spec import ExperimentSpec, SpecError, apply_overrides, flatten, spec_hash
 from studies import tuning
 
@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes sharing the study on this machine (default: 1)")
+    parser.add_argument("--worker", action="store_true",
+                        help="join the study in --storage (PostgreSQL for several machines) "
+                             "that the same command without --worker created: run trials "
+                             "until it has --n-trials, log them under its parent run, no "
+                             "report (the coordinating command writes it)")
     parser.add_argument("--rerun-seeds", type=int, nargs="+", default=None, metavar="SEED",
                         help="rerun the best settings over these seeds (default with --per-arm: "
                              "0 1 2; otherwise no rerun)")
@@ -116,6 +121,58 @@ def _parent_run(client: Any, job: tuning.StudyJob, tags: dict[str, str]) -> str:
     return run_id
 
 
+def serve_study(job: tuning.StudyJob, *, data: Any) -> None:
+    """``--worker``: join a study its coordinating command created (same flags, no
+    ``--worker``), run trials until it holds ``n_trials`` finished ones, filed under the
+    coordinator's parent run. Returns the study's failed-trial count."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    tracking.configure()
+    client = MlflowClient()
+    found = client.get_experiment_by_name(job.experiment)
+    parents = [] if found is None else client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.study_parent = '1' and tags.optuna_study = '{job.study_name}'",
+        max_results=1)
+    if not parents:
+        raise SpecError(f"no study {job.study_name!r} to join in MLflow experiment "
+                        f"{job.experiment!r}: start the same command without --worker first "
+                        "(it creates the study and its parent run)")
+    job.experiment_id, job.parent_run_id = found.experiment_id, parents[0].info.run_id
+    study = tuning.open_job_study(job, worker=os.getpid())
+    trials = study.get_trials(deepcopy=False)
+    done = sum(t.state in tuning.FINISHED for t in trials)
+    interrupted = sum(t.state == optuna.trial.TrialState.FAIL and bool(t.user_attrs.get(
+        "interrupted")) for t in trials)
+    to_run = max(0, job.n_trials - done + interrupted)
+    print(f"[{job.study_name}] worker {os.getpid()}: {done - interrupted} of {job.n_trials} "
+          f"trials done; taking trials until the study has them all", flush=True)
+    tuning.run_trials(study, tuning.job_objective(job, data, progress=None), n_trials=to_run,
+                      stop_at=job.n_trials + interrupted, timeout=job.timeout)
+    print(f"[{job.study_name}] worker {os.getpid()}: the study has its {job.n_trials} trials",
+          flush=True)
+
+
+def wait_for_others(job: tuning.StudyJob, poll: float = 5.0) -> None:
+    """Before the report: trials that ``--worker`` processes elsewhere still run (a dead
+    worker's trial is failed by the heartbeat check and retried)."""
+    import optuna
+
+    study = tuning.open_job_study(job, heartbeat=True)
+    announced = False
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        running = tuning.counts(study)["RUNNING"]
+        if running == 0:
+            return
+        if not announced:
+            print(f"[{job.study_name}] waiting for {running} trial(s) running elsewhere",
+                  flush=True)
+            announced = True
+        time.sleep(poll)
+
+
 def tune_study(job: tuning.StudyJob, *, workers: int, data: Any, root: str) -> StudyResult:
     """Create (or resume) the study and its parent run, run the missing trials here or in
     ``workers`` processes, then write and log the report."""
@@ -148,6 +205,8 @@ def tune_study(job: tuning.StudyJob, *, workers: int, data: Any, root: str) -> S
             failures = 0
         else:
             failures = run_workers(job, plan, workers)
+        if "://" in job.storage and not job.storage.startswith("sqlite:///:memory:"):
+            wait_for_others(job)
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         client.set_terminated(job.parent_run_id, status)
@@ -258,7 +317,8 @@ def write_best_spec(job: tuning.StudyJob, best: Any, spec: ExperimentSpec, root:
     text = tuning.best_spec_toml(root=root, spec=spec, profile=job.profile,
                                  tuned=job.space.keys, header=header)
     path.write_text(text)
-    again = apply_profile(resolve_spec(str(path)), job.profile, epochs=epochs)
+    again = apply_profile(resolve_spec(str(path)), job.profile, epochs=epochs,
+                          keep=explicit_keys(str(path)))
     if spec_hash(again) != spec_hash(spec):
         print(f"warning: {path} resolves to spec_hash {spec_hash(again)}, not the best trial's "
               f"{spec_hash(spec)}", file=sys.stderr)
@@ -269,11 +329,12 @@ def write_best_spec(job: tuning.StudyJob, best: Any, spec: ExperimentSpec, root:
 # Specs
 # ---------------------------------------------------------------------------------------------
 def resolve(spec: ExperimentSpec, profile: str, epochs: int | None,
-            data: str | None) -> ExperimentSpec:
-    """As ``python -m experiments run`` resolves it: data folder, then profile and epochs."""
+            data: str | None, keep: frozenset[str] = frozenset()) -> ExperimentSpec:
+    """As ``python -m experiments run`` resolves it: data folder, then profile and epochs
+    (``keep``: the keys a spec file sets, which the profile leaves alone)."""
     if data is not None:
         spec = replace(spec, data=replace(spec.data, source=data))
-    return apply_profile(spec, profile, epochs=epochs)
+    return apply_profile(spec, profile, epochs=epochs, keep=keep)
 
 
 def closest_registered(spec: ExperimentSpec) -> str:
@@ -322,8 +383,13 @@ def tune_per_arm(args: argparse.Namespace, ablation: Ablation, *, profile: str, 
                               seed=args.seed, n_trials=args.n_trials, profile=profile,
                               device=device, experiment=f"tune-{name}", arm=arm.name,
                               group=arm.group, timeout=args.timeout)
+        if args.worker:
+            serve_study(job, data=data_cache[base.data])
+            continue
         results.append(tune_study(job, workers=args.workers, data=data_cache[base.data],
                                   root=closest_registered(arm.spec)))
+    if args.worker:
+        return 0
     setup = (f"{args.n_trials} trials per arm, sampler {args.sampler} (seed {args.seed}), "
              f"pruner {args.pruner}, profile {profile}; scientific hyperparameter: "
              f"{ablation.scientific}.")
@@ -345,7 +411,8 @@ def tune_per_arm(args: argparse.Namespace, ablation: Ablation, *, profile: str, 
         print(f"no rerun: arm(s) {', '.join(missing)} have no complete trial", file=sys.stderr)
         return 1
     seeds = args.rerun_seeds if args.rerun_seeds is not None else [0, 1, 2]
-    tuned = Ablation(ablation.name, tuple(Arm(r.job.arm, r.best_spec, r.job.group)
+    tuned = Ablation(ablation.name, tuple(Arm(r.job.arm, r.best_spec, r.job.group,
+                                              keep=tuple(r.job.space.keys))
                                           for r in results),
                      ablation.reference, ablation.scientific)
     ran = run_study(f"{name}-rerun", tuned, seeds=seeds, profile=profile, device=device,
@@ -372,6 +439,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SpecError(f"--epochs={args.epochs} must be >= 1")
     if args.timeout is not None and args.timeout <= 0:
         raise SpecError(f"--timeout={args.timeout} must be > 0")
+    if args.worker and args.storage is None:
+        raise SpecError("--worker joins the coordinating command's study: give its --storage "
+                        "(postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB for several machines)")
+    if args.worker and args.workers > 1:
+        raise SpecError("--worker runs trials in this process; start more workers instead of "
+                        "--workers")
     if args.per_arm and args.spec:
         raise SpecError("--per-arm takes its specs from the ablation's arms; drop --spec")
 
@@ -396,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     if ablation is not None:
         code = tune_per_arm(args, ablation, profile=profile, device=device, storage=storage)
     else:
-        base = resolve(spec, profile, args.epochs, args.data)
+        base = resolve(spec, profile, args.epochs, args.data,
+                       explicit_keys(args.spec or "report_final"))
         space = tuning.search_space(base, table)
         name = args.study_name or f"{base.name}-{profile}-{base.train.epochs}ep"
         job = tuning.StudyJob(study_name=name, base=base, space=space, storage=storage,
@@ -404,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
                               n_trials=args.n_trials, profile=profile, device=device,
                               experiment=f"tune-{name}", timeout=args.timeout)
         root = tuning.registered_root(args.spec or "report_final")
+        if args.worker:
+            serve_study(job, data=_load_data(base, profile, 1))
+            return 0
         result = tune_study(job, workers=args.workers,
                             data=_load_data(base, profile, args.workers), root=root)
         code = 1 if result.worker_failures or result.best is None else 0
@@ -421,7 +498,7 @@ def rerun_best(result: StudyResult, seeds: list[int]) -> int:
     from studies.report import report_study
 
     job = result.job
-    arm = Arm(job.base.name, result.best_spec, job.base.name)
+    arm = Arm(job.base.name, result.best_spec, job.base.name, keep=tuple(job.space.keys))
     ablation = Ablation(job.study_name, (arm,), arm.name, "none (best settings over seeds)")
     ran = run_study(f"{job.study_name}-rerun", ablation, seeds=seeds, profile=job.profile,
                     device=job.device, epochs=job.base.train.epochs)

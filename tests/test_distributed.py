@@ -259,3 +259,88 @@ def test_servers_listen_on_loopback_only():
     assert listening and set(listening) == {"0100007F"}, listening  # 127.0.0.1, little-endian
     script = (ROOT / "scripts" / "servers.sh").read_text()
     assert "0.0.0.0" not in script and "HOST=127.0.0.1" in script
+
+
+def test_study_command_coordinates_and_its_workers_finish_the_grid(study, tmp_path):
+    """`python -m studies.kl_ablation --storage PG` queues the grid and waits; two
+    `... --storage PG --worker` processes take the pairs; the coordinator then writes the
+    report from the server's runs."""
+    from mlflow.tracking import MlflowClient
+
+    flags = ["--profile", "smoke", "--epochs", "2", "--seeds", "0", "--device", "cpu",
+             "--storage", PG, "--queue-name", study]
+    env = cli_env(MLFLOW_TRACKING_URI=MLFLOW)
+    # The queue is named `study`, and so is the MLflow experiment (--queue-name) so that
+    # each test keeps to its own experiment.
+    coordinator = subprocess.Popen([sys.executable, "-m", "studies.kl_ablation", *flags],
+                                   cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+    client = MlflowClient()
+    deadline = time.time() + 120
+    while client.get_experiment_by_name("kl_ablation") is None and time.time() < deadline:
+        time.sleep(0.5)
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    workers = [subprocess.Popen([sys.executable, "-m", "studies.kl_ablation", *flags,
+                                 "--worker"], cwd=tmp_path, env=env, stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, text=True) for log in logs]
+    try:
+        assert wait_all(workers, timeout=600) == [0, 0], [log.read_text() for log in logs]
+        out, _ = coordinator.communicate(timeout=300)
+    finally:
+        for proc in [*workers, coordinator]:
+            if proc.poll() is None:
+                proc.kill()
+    assert coordinator.returncode == 0, out[-3000:]
+    assert "waiting for workers" in out and "| `kl_constant` |" in out
+    assert password() not in out + "".join(log.read_text() for log in logs)
+    texts = "".join(log.read_text() for log in logs)
+    assert texts.count("done: val/psnr") == 3
+    experiment = client.get_experiment_by_name("kl_ablation")
+    runs = client.search_runs([experiment.experiment_id],
+                              f"tags.optuna_study = '{study}'", max_results=100)
+    assert sorted(r.data.tags["arm"] for r in runs) == sorted(ARMS)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    parent_id = runs[0].data.tags["mlflow.parentRunId"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent_id}
+    logged = {a.path for a in client.list_artifacts(parent_id, "report")}
+    assert "report/summary.md" in logged
+
+
+def test_tune_worker_joins_the_coordinators_study(study, tmp_path):
+    """`studies.tune --storage PG` (coordinator) and `... --worker` share the trials: exactly
+    --n-trials in all, every one an MLflow run under the coordinator's parent run."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    flags = ["--spec", "report_final", "--profile", "smoke", "--epochs", "1", "--n-trials", "4",
+             "--pruner", "none", "--device", "cpu", "--storage", PG, "--study-name", study]
+    env = cli_env(MLFLOW_TRACKING_URI=MLFLOW)
+    refused = run_cli("studies.tune", *flags, "--worker", cwd=tmp_path,
+                      MLFLOW_TRACKING_URI=MLFLOW)
+    assert refused.returncode == 2 and "without --worker first" in refused.stderr
+    coordinator = subprocess.Popen([sys.executable, "-m", "studies.tune", *flags], cwd=tmp_path,
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True)
+    client = MlflowClient()
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        experiment = client.get_experiment_by_name(f"tune-{study}")
+        if experiment and client.search_runs([experiment.experiment_id],
+                                             "tags.study_parent = '1'"):
+            break
+        time.sleep(0.5)
+    worker = run_cli("studies.tune", *flags, "--worker", cwd=tmp_path, timeout=600,
+                     MLFLOW_TRACKING_URI=MLFLOW)
+    out, _ = coordinator.communicate(timeout=600)
+    assert worker.returncode == 0, worker.stdout[-2000:] + worker.stderr[-2000:]
+    assert coordinator.returncode == 0, out[-3000:]
+    trials = optuna.load_study(study_name=study, storage=PG).get_trials()
+    assert len(trials) == 4 and {t.state.name for t in trials} == {"COMPLETE"}
+    experiment = client.get_experiment_by_name(f"tune-{study}")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    (parent,) = [r for r in runs if r.data.tags.get("study_parent") == "1"]
+    children = [r for r in runs if r.data.tags.get("study_parent") != "1"]
+    assert len(children) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert "best:" in out
+    client.delete_experiment(experiment.experiment_id)

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from studies import kl_ablation, prior_ablation, sigmoid_ablation, tfr_ablation
 from studies import report as report_module
+from studies.common import cpu_count
 from studies.results import COLUMNS, FRAME_COLUMNS, load_study
 
 SMOKE = ["--profile", "smoke", "--epochs", "2", "--device", "cpu"]
@@ -50,9 +51,20 @@ def _check_report(out, summary_arms: list[str], client: MlflowClient, children) 
 
 def test_kl_study_runs_reports_reuses_resumes_and_redraws(tracking_store, tmp_path):
     arms = ["kl_cyclical", "kl_monotonic", "kl_constant"]
+    # The default on a CPU: one single-threaded worker process per core share the six runs.
     first = run_cli("studies.kl_ablation", *SMOKE, "--seeds", "0", "1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stdout.count(": start") == 6 and "| `kl_monotonic` |" in first.stdout
+    jobs = min(cpu_count(), 6)
+    if jobs > 1:
+        assert f"{jobs} worker process(es) here, {cpu_count() // jobs} thread(s) each" \
+            in first.stdout
+        assert first.stdout.count("done: val/psnr") == 6
+        workers = {line.split(":")[1] for line in first.stdout.splitlines()
+                   if "done: val/psnr" in line}
+        assert len(workers) > 1  # the runs were shared
+    else:
+        assert first.stdout.count(": start") == 6
+    assert "| `kl_monotonic` |" in first.stdout
 
     client = MlflowClient()
     names = {e.name for e in client.search_experiments()}
@@ -105,6 +117,7 @@ def test_kl_study_runs_reports_reuses_resumes_and_redraws(tracking_store, tmp_pa
     client.update_run(interrupted.info.run_id, status="KILLED")
     again = run_cli("studies.kl_ablation", *SMOKE, "--seeds", "0", "1", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "worker process" not in again.stdout  # one run left to do: no workers for it
     assert again.stdout.count("reused run") == 5
     assert f"resuming run {interrupted.info.run_id}" in again.stdout
     parents2, children2 = _split(_experiment_runs(client, "kl_ablation"))
