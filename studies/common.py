@@ -191,8 +191,7 @@ def run_study(study: str, ablation: Ablation, *, seeds: Sequence[int], profile: 
     chosen = select_arms(ablation, arms)
     seeds = list(dict.fromkeys(seeds))  # a seed given twice runs once
     client, outcome, resolved_epochs = _open(study, ablation, profile=profile, device=device,
-                                             epochs=epochs, data=data, doc=doc, arms=arms,
-                                             seeds=seeds)
+                                             epochs=epochs, data=data, doc=doc, arms=arms)
     experiment_id, parent_id = outcome.experiment_id, outcome.parent_run_id
     jobs = [(arm, seed) for seed in seeds for arm in chosen]
     print(f"{study}: {len(chosen)} arm(s) × {len(seeds)} seed(s) = {len(jobs)} runs, "
@@ -217,15 +216,9 @@ def run_study(study: str, ablation: Ablation, *, seeds: Sequence[int], profile: 
                 result = run_experiment(spec, context=context, device=device, data=data_now,
                                         progress=progress)
             except NonFiniteLossError as err:
-                print(f"{label}: FAILED ({err})", flush=True)
-                outcome.failures.append(f"{arm.name} seed {seed}: {err}")
-                continue
-            _adopt(client, result.run_id, parent_id)
-            outcome.outcomes.append(result)
-            psnr = result.metrics.get("val/psnr", float("nan"))
-            what = "reused" if result.skipped else result.status
-            print(f"{label}: {what} run {result.run_id} · final val/psnr {psnr:.2f} dB · "
-                  f"{time.monotonic() - started:.1f} s", flush=True)
+                result = err
+            _record(client, outcome, label, arm, seed, result,
+                    f"{time.monotonic() - started:.1f} s")
         status = "FAILED" if outcome.failures else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -237,8 +230,7 @@ def run_study(study: str, ablation: Ablation, *, seeds: Sequence[int], profile: 
 
 
 def _open(study: str, ablation: Ablation, *, profile: str, device: str, epochs: int | None,
-          data: str | None, doc: str, arms: Sequence[str] | None,
-          seeds: Sequence[int]) -> tuple[Any, StudyRun, int]:
+          data: str | None, doc: str, arms: Sequence[str] | None) -> tuple[Any, StudyRun, int]:
     """The experiment and this configuration's parent run: (client, StudyRun, epochs)."""
     from mlflow.tracking import MlflowClient
 
@@ -264,8 +256,7 @@ def _run_packed(study: str, ablation: Ablation, *, seeds: Sequence[int], profile
     chosen = select_arms(ablation, arms)
     seeds = list(dict.fromkeys(seeds))
     client, outcome, resolved_epochs = _open(study, ablation, profile=profile, device=device,
-                                             epochs=epochs, data=data, doc=doc, arms=arms,
-                                             seeds=seeds)
+                                             epochs=epochs, data=data, doc=doc, arms=arms)
     jobs = [(arm, seed) for seed in seeds for arm in chosen]
     print(f"{study}: {len(chosen)} arm(s) × {len(seeds)} seed(s) = {len(jobs)} runs, "
           f"profile {profile}, {resolved_epochs} epochs, device {device}, packs of up to "
@@ -292,17 +283,8 @@ def _run_packed(study: str, ablation: Ablation, *, seeds: Sequence[int], profile
                                    device=device, data=cache[spec_data], progress=progress)
                 for k, result in zip(ks, results):
                     arm, seed = chunk[k]
-                    label = f"[{study}] {arm.name} seed {seed}"
-                    if isinstance(result, NonFiniteLossError):
-                        print(f"{label}: FAILED ({result})", flush=True)
-                        outcome.failures.append(f"{arm.name} seed {seed}: {result}")
-                        continue
-                    _adopt(client, result.run_id, outcome.parent_run_id)
-                    outcome.outcomes.append(result)
-                    what = "reused" if result.skipped else result.status
-                    print(f"{label}: {what} run {result.run_id} · final val/psnr "
-                          f"{result.metrics.get('val/psnr', float('nan')):.2f} dB · pack of "
-                          f"{len(ks)} in {time.monotonic() - started:.1f} s", flush=True)
+                    _record(client, outcome, f"[{study}] {arm.name} seed {seed}", arm, seed,
+                            result, f"pack of {len(ks)} in {time.monotonic() - started:.1f} s")
         status = "FAILED" if outcome.failures else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -312,6 +294,20 @@ def _run_packed(study: str, ablation: Ablation, *, seeds: Sequence[int], profile
                        _merge_seeds(client, outcome.parent_run_id, seeds))
         client.set_terminated(outcome.parent_run_id, status)
     return outcome
+
+
+def _record(client: Any, outcome: StudyRun, label: str, arm: Arm, seed: int,
+            result: RunOutcome | NonFiniteLossError, how: str) -> None:
+    """One run's result into the study: a failure, or a run filed under the parent."""
+    if isinstance(result, NonFiniteLossError):
+        print(f"{label}: FAILED ({result})", flush=True)
+        outcome.failures.append(f"{arm.name} seed {seed}: {result}")
+        return
+    _adopt(client, result.run_id, outcome.parent_run_id)
+    outcome.outcomes.append(result)
+    what = "reused" if result.skipped else result.status
+    print(f"{label}: {what} run {result.run_id} · final val/psnr "
+          f"{result.metrics.get('val/psnr', float('nan')):.2f} dB · {how}", flush=True)
 
 
 def _merge_seeds(client: Any, run_id: str, seeds: Sequence[int]) -> str:

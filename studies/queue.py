@@ -534,7 +534,7 @@ def run_worker(storage_url: str, study_name: str, *, device: str | None = None,
     abl = get_ablation(plan.ablation)
     tracking.configure()
     client = MlflowClient()
-    _require_experiment(client, plan.experiment_id, study_name)
+    _require_experiment(client, plan.experiment_id, plan.experiment or study_name)
     # Data once per worker, before taking any trial: bad data fails here, not per pair.
     data = {}
     for arm in abl.arms:
@@ -566,18 +566,19 @@ def run_worker(storage_url: str, study_name: str, *, device: str | None = None,
     return summary
 
 
-def _require_experiment(client: Any, experiment_id: str, study_name: str) -> None:
-    """The study's experiment must be in this worker's tracking store (a worker pointed at
-    another store would file its runs under someone else's experiment id, or fail late)."""
+def _require_experiment(client: Any, experiment_id: str, name: str) -> None:
+    """The study's experiment (id and ``name``) must be in this worker's tracking store (a
+    worker pointed at another store would file its runs under someone else's experiment id,
+    or fail late)."""
     from mlflow.exceptions import MlflowException
 
     try:
         experiment = client.get_experiment(experiment_id)
     except MlflowException:  # RESOURCE_DOES_NOT_EXIST on most stores
         experiment = None
-    if experiment is None or experiment.name != study_name:
+    if experiment is None or experiment.name != name:
         raise tracking.TrackingError(
-            f"MLflow experiment {experiment_id} of study {study_name!r} is not in "
+            f"MLflow experiment {experiment_id} ({name!r}) is not in "
             f"{tracking.mask_secrets(tracking.tracking_uri())}: set MLFLOW_TRACKING_URI to the "
             "store the study was created with")
 

@@ -149,9 +149,16 @@ def serve_study(job: tuning.StudyJob, *, data: Any) -> None:
     print(f"[{job.study_name}] worker {os.getpid()}: {done - interrupted} of {job.n_trials} "
           f"trials done; taking trials until the study has them all", flush=True)
     tuning.run_trials(study, tuning.job_objective(job, data, progress=None), n_trials=to_run,
-                      stop_at=job.n_trials + interrupted, timeout=job.timeout)
+                      stop_at=job.n_trials + interrupted, timeout=job.timeout,
+                      count_running=True)
     print(f"[{job.study_name}] worker {os.getpid()}: the study has its {job.n_trials} trials",
           flush=True)
+
+
+def _shared(storage: str) -> bool:
+    """A database server (not SQLite, not a journal file): ``--worker`` processes on other
+    machines may share the study."""
+    return "://" in storage and not storage.startswith("sqlite")
 
 
 def wait_for_others(job: tuning.StudyJob, poll: float = 5.0) -> None:
@@ -201,12 +208,13 @@ def tune_study(job: tuning.StudyJob, *, workers: int, data: Any, root: str) -> S
     try:
         if workers <= 1 or plan.to_run <= 1:
             tuning.run_trials(study, tuning.job_objective(job, data, progress=None),
-                              n_trials=plan.to_run, stop_at=plan.stop_at, timeout=job.timeout)
+                              n_trials=plan.to_run, stop_at=plan.stop_at, timeout=job.timeout,
+                              count_running=_shared(job.storage))
             failures = 0
         else:
             failures = run_workers(job, plan, workers)
-        if "://" in job.storage and not job.storage.startswith("sqlite:///:memory:"):
-            wait_for_others(job)
+        if _shared(job.storage):
+            wait_for_others(job)  # --worker processes elsewhere may still run trials
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         client.set_terminated(job.parent_run_id, status)

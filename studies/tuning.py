@@ -596,16 +596,19 @@ def print_trial(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], *,
-               n_trials: int, stop_at: int, timeout: float | None = None) -> None:
+               n_trials: int, stop_at: int, timeout: float | None = None,
+               count_running: bool = False) -> None:
     """Run up to ``n_trials`` here; stop early once the study holds ``stop_at`` finished
-    trials (other workers' included) or after ``timeout`` seconds. A non-finite loss fails
-    its trial and the study goes on."""
+    trials (other workers' included; with ``count_running`` the ones running elsewhere count
+    too, so that processes that share a study without a split do not overshoot) or after
+    ``timeout`` seconds. A non-finite loss fails its trial and the study goes on."""
     if n_trials <= 0:
         return
     from optuna.study import MaxTrialsCallback
 
+    states = FINISHED + ((TrialState.RUNNING,) if count_running else ())
     study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(NonFiniteLossError,),
-                   callbacks=[MaxTrialsCallback(stop_at, states=FINISHED), print_trial],
+                   callbacks=[MaxTrialsCallback(stop_at, states=states), print_trial],
                    gc_after_trial=True)
 
 

@@ -234,6 +234,10 @@ def test_killed_worker_pair_is_retried_and_resumed(study, tmp_path):
     assert "stopped beating" in texts and "enqueued for retry" in texts
     assert "(retry of trial" in texts
     assert f"resuming run {run_id}" in texts
+    for line in texts.splitlines():  # shown with `pytest -s`: the retry and the resume
+        if any(k in line for k in ("stopped beating", "enqueued for retry", "(retry of trial",
+                                   "resuming run", "done: val/psnr")):
+            print(line)
 
     import optuna
 
@@ -270,14 +274,23 @@ def test_study_command_coordinates_and_its_workers_finish_the_grid(study, tmp_pa
     flags = ["--profile", "smoke", "--epochs", "2", "--seeds", "0", "--device", "cpu",
              "--storage", PG, "--queue-name", study]
     env = cli_env(MLFLOW_TRACKING_URI=MLFLOW)
-    # The queue is named `study`, and so is the MLflow experiment (--queue-name) so that
-    # each test keeps to its own experiment.
+    # The queue is named `study` (--queue-name); the runs go to the experiment kl_ablation.
+    client = MlflowClient()
+    old = client.get_experiment_by_name("kl_ablation")  # this test's experiment on the server:
+    for run in client.search_runs([old.experiment_id], max_results=1000) if old else []:
+        client.delete_run(run.info.run_id)  # no finished runs from an earlier run to reuse
     coordinator = subprocess.Popen([sys.executable, "-m", "studies.kl_ablation", *flags],
                                    cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
-    client = MlflowClient()
+    import optuna
+
     deadline = time.time() + 120
-    while client.get_experiment_by_name("kl_ablation") is None and time.time() < deadline:
+    while time.time() < deadline:  # until the queue holds the plan (experiment, parent run)
+        try:
+            if "parent_run_id" in optuna.load_study(study_name=study, storage=PG).user_attrs:
+                break
+        except KeyError:
+            pass
         time.sleep(0.5)
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
     workers = [subprocess.Popen([sys.executable, "-m", "studies.kl_ablation", *flags,
@@ -296,14 +309,17 @@ def test_study_command_coordinates_and_its_workers_finish_the_grid(study, tmp_pa
     texts = "".join(log.read_text() for log in logs)
     assert texts.count("done: val/psnr") == 3
     experiment = client.get_experiment_by_name("kl_ablation")
-    runs = client.search_runs([experiment.experiment_id],
-                              f"tags.optuna_study = '{study}'", max_results=100)
+    tagged = client.search_runs([experiment.experiment_id],
+                                f"tags.optuna_study = '{study}'", max_results=100)
+    runs = [r for r in tagged if r.data.tags.get("study_parent") != "1"]
     assert sorted(r.data.tags["arm"] for r in runs) == sorted(ARMS)
     assert {r.info.status for r in runs} == {"FINISHED"}
     parent_id = runs[0].data.tags["mlflow.parentRunId"]
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent_id}
     logged = {a.path for a in client.list_artifacts(parent_id, "report")}
     assert "report/summary.md" in logged
+    for run in tagged:  # a rerun against the same server starts afresh
+        client.delete_run(run.info.run_id)
 
 
 def test_tune_worker_joins_the_coordinators_study(study, tmp_path):
@@ -335,7 +351,8 @@ def test_tune_worker_joins_the_coordinators_study(study, tmp_path):
     assert worker.returncode == 0, worker.stdout[-2000:] + worker.stderr[-2000:]
     assert coordinator.returncode == 0, out[-3000:]
     trials = optuna.load_study(study_name=study, storage=PG).get_trials()
-    assert len(trials) == 4 and {t.state.name for t in trials} == {"COMPLETE"}
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4, [
+        (t.number, t.state.name, t.user_attrs) for t in trials]
     experiment = client.get_experiment_by_name(f"tune-{study}")
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     (parent,) = [r for r in runs if r.data.tags.get("study_parent") == "1"]

@@ -200,3 +200,57 @@ def test_tfr_report_groups_pools_kl_arms_per_group(tracking_store, tmp_path, cap
     capsys.readouterr()
     assert report_module.main([]) == 0  # every study in the store
     assert "tfr_report_groups: " in capsys.readouterr().out
+
+
+def test_sigterm_on_a_parallel_study_leaves_nothing_running_and_it_resumes(tracking_store,
+                                                                           tmp_path):
+    """SIGTERM to the study while its two worker processes train: every run ends KILLED
+    (none RUNNING), the workers exit, and the same command then finishes the grid, resuming
+    the interrupted runs in place."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import cli_env
+
+    argv = [sys.executable, "-m", "studies.kl_ablation", "--profile", "smoke", "--epochs", "4",
+            "--device", "cpu", "--seeds", "0", "--arms", "kl_cyclical", "kl_monotonic",
+            "--jobs", "2"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    client = MlflowClient()
+    deadline = time.time() + 300
+    while time.time() < deadline:  # until both runs have logged their first epoch
+        runs = _split(_experiment_runs(client, "kl_ablation"))[1]
+        if len(runs) == 2 and all(client.get_metric_history(r.info.run_id, "train/loss")
+                                  for r in runs):
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    parents, children = _split(_experiment_runs(client, "kl_ablation"))
+    assert len(children) == 2
+    statuses = {r.info.status for r in children} | {parents[0].info.status}
+    assert "RUNNING" not in statuses and "KILLED" in statuses, statuses
+    import os
+    import re
+
+    pids = {int(p) for p in re.findall(r"worker [^:\s]+:(\d+):", out)}
+    assert len(pids) == 2, out[-3000:]
+    for pid in pids:  # the workers went with it
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+    again = run_cli("studies.kl_ablation", *argv[3:], cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    killed = [r for r in children if r.info.status == "KILLED"]
+    for run in killed:
+        assert f"resuming run {run.info.run_id}" in again.stdout
+    children2 = _split(_experiment_runs(client, "kl_ablation"))[1]
+    assert {r.info.run_id for r in children2} == {r.info.run_id for r in children}
+    assert {r.info.status for r in children2} == {"FINISHED"}
+    for run in children2:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert sorted(steps) == [0, 1, 2, 3]
