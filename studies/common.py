@@ -338,10 +338,19 @@ def default_jobs(device: str, runs: int) -> int:
 
 
 DEFAULT_PACK_CUDA = 15  # the report's 3 KL arms x 5 seeds in one pack
+# A packed training step at the lab's size (batch 2, 16-frame clips, fp32) held 3.7 GB more
+# per member (measured on the CPU: 4.2 GB peak for one member, 8.0 GB for two); with margin:
+MEMBER_BYTES = 4.5e9
 
 
 def default_pack(device: str) -> int:
-    return DEFAULT_PACK_CUDA if device == "cuda" else 1
+    """Packs only on CUDA: up to 15 members, fewer when the GPU's free memory is short."""
+    if device != "cuda":
+        return 1
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    return max(1, min(DEFAULT_PACK_CUDA, int(0.9 * free // MEMBER_BYTES)))
 
 
 def pending_runs(study: str, ablation: Ablation, *, seeds: Sequence[int], profile: str,
@@ -450,8 +459,10 @@ def run_queued(study: str, ablation: Ablation, *, seeds: Sequence[int], profile:
         elif not own:
             print(f"{study}: waiting for workers: on each machine, this command with --worker "
                   f"(the same --storage {tracking.mask_secrets(url)})", flush=True)
+        # Our own queue: once all its workers have exited nobody else will take a pair. A
+        # shared one: workers elsewhere may, so only the queue's counts say when it is done.
         counts = wait_for_queue(url, name, total_epochs=epochs_each * len(chosen) * len(seeds),
-                                workers=workers, progress=progress)
+                                workers=workers if own else (), progress=progress)
         for proc in workers:
             proc.wait()
         ran = StudyRun(study, done.experiment_id, done.parent_run_id)
@@ -507,8 +518,9 @@ def build_parser(study: Study, prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--pack", type=int, default=None, metavar="K",
                         help="train up to K runs together as one batched computation (one "
                              "MLflow run each, as if alone); 1 turns packing off (default: "
-                             f"{DEFAULT_PACK_CUDA} on CUDA; 1 on a CPU, where packed "
-                             "grouped convolutions measured 0.64x the speed of separate runs)")
+                             f"on CUDA {DEFAULT_PACK_CUDA}, or fewer if the GPU's free memory "
+                             "holds fewer at ~4.5 GB each; 1 on a CPU, where packed grouped "
+                             "convolutions measured 0.64x the speed of separate runs)")
     for variant in study.variants:
         parser.add_argument(variant.flag, action="store_true", help=variant.help)
     add_common(parser)

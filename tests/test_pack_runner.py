@@ -105,3 +105,25 @@ def test_pack_flag_checks(tracking_store, capsys):
     assert "--pack=0 must be >= 1" in capsys.readouterr().err
     assert kl_ablation.main([*SMOKE[:-2], "--pack", "3", "--jobs", "2"]) == 2
     assert "choose one" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("free_gb, expected", [(200, 15), (80, 15), (20, 4), (1, 1)])
+def test_default_pack_fits_the_gpus_free_memory(monkeypatch, free_gb, expected):
+    import torch
+
+    from studies import common
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (free_gb * 1e9, 80e9))
+    assert common.default_pack("cuda") == expected
+    assert common.default_pack("cpu") == 1
+
+
+def test_default_jobs_one_single_threaded_process_per_core(monkeypatch):
+    from studies import common
+
+    monkeypatch.setattr(common, "cpu_count", lambda: 2)
+    assert common.default_jobs("cpu", 6) == 2
+    assert common.default_jobs("cpu", 1) == 1
+    assert common.default_jobs("cuda", 6) == 1
+    monkeypatch.setattr(common, "cpu_count", lambda: 16)
+    assert common.default_jobs("cpu", 6) == 6

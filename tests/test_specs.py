@@ -10,6 +10,7 @@ from experiments.registry import (
     REPORT_FINAL,
     SPECS,
     apply_profile,
+    explicit_keys,
     list_specs,
     resolve_spec,
 )
@@ -124,6 +125,26 @@ def test_profiles_change_size_not_science():
     assert apply_profile(full, "smoke", epochs=3).train.epochs == 3
     with pytest.raises(SpecError, match="choose one of"):
         apply_profile(full, "huge")
+
+
+def test_cpu_profile_lr_applies_unless_chosen(tmp_path):
+    """The cpu profile's short-run lr (2e-3) replaces every arm's lr alike; an lr set by the
+    user (--set, a spec file) is kept; the full profile keeps the spec's own."""
+    from experiments.__main__ import resolved
+
+    for name in ("kl_cyclical", "lab_template"):
+        assert apply_profile(SPECS[name], "cpu").optim.lr == 2e-3
+        assert apply_profile(SPECS[name], "full").optim.lr == SPECS[name].optim.lr
+    assert apply_profile(SPECS["kl_cyclical"], "cpu", keep={"optim.lr"}).optim.lr == 3e-4
+    assert resolved("kl_cyclical", ["optim.lr=5e-4"], "cpu", None).optim.lr == 5e-4
+    assert resolved("kl_cyclical", [], "cpu", None).optim.lr == 2e-3
+    path = tmp_path / "mine.toml"
+    path.write_text('base = "kl_cyclical"\n[optim]\nlr = 1e-4\n')
+    assert explicit_keys(str(path)) == {"optim.lr"}
+    assert resolved(str(path), [], "cpu", None).optim.lr == 1e-4
+    on_top = tmp_path / "on_top.toml"  # a spec file built on another keeps its base's choice
+    on_top.write_text(f'base = "{path}"\n[kl]\nratio = 0.25\n')
+    assert resolved(str(on_top), [], "cpu", None).optim.lr == 1e-4
 
 
 def test_list_filters_with_glob():

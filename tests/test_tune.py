@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FixedTrial, TrialState
 
 from cvae.train import NonFiniteLossError
-from experiments.registry import SPECS, apply_profile, resolve_spec
+from experiments.registry import SPECS, apply_profile, explicit_keys, resolve_spec
 from experiments.runner import RunContext, RunOutcome
 from experiments.spec import SpecError, apply_overrides, spec_hash
 from studies import tune, tuning
@@ -340,7 +340,11 @@ def test_best_spec_toml_resolves_to_the_tuned_spec(tmp_path, arm, profile, epoch
     path = tmp_path / "best_spec.toml"
     path.write_text(tuning.best_spec_toml(root=arm, spec=tuned, profile=profile,
                                           tuned=space.keys, header=["a comment"]))
-    again = apply_profile(resolve_spec(str(path)), profile, epochs=epochs)
+    # As `python -m experiments run best_spec.toml --profile P` reads it: the values the file
+    # sets (the tuned lr) win over the profile's.
+    assert "optim.lr" in explicit_keys(str(path))
+    again = apply_profile(resolve_spec(str(path)), profile, epochs=epochs,
+                          keep=explicit_keys(str(path)))
     assert spec_hash(again) == spec_hash(tuned) and again.name == f"{arm}-tuned"
     assert again.optim.lr == tuned.optim.lr  # floats survive the text round trip exactly
 
