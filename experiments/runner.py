@@ -241,10 +241,11 @@ class _Member:
 
 
 def _prepare(client: Any, spec: ExperimentSpec, context: RunContext, device: str,
-             data: Data, *, progress: bool | None, hooks: Hooks | None,
-             position: int = 0) -> RunOutcome | _Member:
+             data: Data | None, *, progress: bool | None, hooks: Hooks | None,
+             position: int = 0) -> RunOutcome | tuple[_Member, Data]:
     """Skip a FINISHED (spec, seed) (returns its RunOutcome), resume a RUNNING/KILLED one from
-    its checkpoint, or create the run; the state is built and loaded, nothing trained yet."""
+    its checkpoint, or create the run; the state is built and loaded, nothing trained yet.
+    ``data`` None: loaded here, before any run exists (bad data creates no run)."""
     experiment_id = context.experiment_id or tracking.get_or_create_experiment(context.study)
     arm = context.arm or spec.name
     label = f"{arm}-s{spec.seed}"
@@ -255,6 +256,7 @@ def _prepare(client: Any, spec: ExperimentSpec, context: RunContext, device: str
                           metrics=dict(existing.data.metrics),
                           best_val_psnr=float(existing.data.tags.get("best_val_psnr", "nan")),
                           best_epoch=int(existing.data.tags.get("best_epoch", "-1")))
+    data = data or load_data(spec.data, context.profile)
     state = build_state(spec, device)
     workdir = Path(tempfile.mkdtemp(prefix="cvae-run-"))
     tags = {
@@ -295,7 +297,7 @@ def _prepare(client: Any, spec: ExperimentSpec, context: RunContext, device: str
     except BaseException as err:
         _stop(client, member, err)
         raise
-    return member
+    return member, data
 
 
 def _finish(client: Any, member: _Member, data: Data) -> RunOutcome:
@@ -347,12 +349,10 @@ def run_experiment(
 
     tracking.configure()
     client = MlflowClient()
-    if _resume_point(client, context.experiment_id
-                     or tracking.get_or_create_experiment(context.study), spec)[1] != "skip":
-        data = data or load_data(spec.data, context.profile)  # before any run exists
-    member = _prepare(client, spec, context, device, data, progress=progress, hooks=hooks)
-    if isinstance(member, RunOutcome):
-        return member
+    prepared = _prepare(client, spec, context, device, data, progress=progress, hooks=hooks)
+    if isinstance(prepared, RunOutcome):
+        return prepared
+    member, data = prepared
     try:
         fit(member.state, data.clips, data.clip_labels, data.val_frames, data.val_labels,
             fit_config(spec), hooks=member.hooks)
@@ -395,7 +395,7 @@ def run_pack(
             if isinstance(prepared, RunOutcome):
                 results[i] = prepared
             else:
-                members[i] = prepared
+                members[i] = prepared[0]
         for pack in _packs(members, packable):
             states = [members[i].state for i in pack]
             configs = [fit_config(members[i].spec) for i in pack]
