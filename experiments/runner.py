@@ -232,7 +232,6 @@ class _Member:
     spec: ExperimentSpec
     run_id: str
     label: str
-    action: str  # new | resume
     state: FitState
     workdir: Path
     hooks: MlflowHooks
@@ -286,7 +285,7 @@ def _prepare(client: Any, spec: ExperimentSpec, context: RunContext, device: str
         already = state.epoch - 1
     enabled = sys.stderr.isatty() if progress is None else progress
     bar = _Progress(label, spec.train.epochs, state.epoch, enabled, position=position)
-    member = _Member(spec, run_id, label, action, state, workdir,
+    member = _Member(spec, run_id, label, state, workdir,
                      MlflowHooks(client, run_id, workdir, already_logged=already, progress=bar,
                                  extra=hooks), bar, state.epoch)
     try:
