@@ -2,7 +2,8 @@
 
     python -m benchmarks.throughput [--device cpu|cuda] [--profile smoke|cpu|full]
         [--members K] [--steps N] [--out FILE.json] [--bf16] [--compile]
-        [--teacher-forcing on|off] [--workers W] [--threads N]
+        [--teacher-forcing on|off] [--workers W] [--threads N] [--kernels]
+        [--cudnn-benchmark]
 
 (a) reference: the course template's way: a DataLoader whose Dataset opens and resizes PNG
     files with PIL on every epoch, batch 2, fp32, NCHW, a Python loop over time steps calling
@@ -81,10 +82,12 @@ PROFILES: dict[str, Profile] = {
 }
 
 # Dense peak FLOP/s by GPU (spec sheets); MFU is reported against these, never guessed.
+# "fp32" paths are measured against the TF32 tensor-core peak when cuDNN may use TF32 for
+# fp32 convolutions (torch's default), else against the plain FP32 peak.
 PEAKS: dict[str, dict[str, float]] = {
-    "H100 PCIe": {"bf16": 756e12, "fp32": 51.2e12},
-    "H100": {"bf16": 989.4e12, "fp32": 66.9e12},  # SXM
-    "H200": {"bf16": 989.4e12, "fp32": 66.9e12},
+    "H100 PCIe": {"bf16": 756e12, "tf32": 378e12, "fp32": 51.2e12},
+    "H100": {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},  # SXM
+    "H200": {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
 }
 
 
@@ -316,12 +319,58 @@ def packed_stepper(trainer: PackedTrainer, clips: torch.Tensor,
 
 
 def compile_model(model: VideoCVAE) -> None:
-    """torch.compile each module the rollout calls (in place: state_dict keys unchanged)."""
+    """torch.compile each module the rollout calls (in place: state_dict keys unchanged).
+    The modules share code (every ``nn.Sequential``, every residual block) and run at two
+    batch sizes, with and without gradients: that is more graphs per code object than
+    dynamo's default limit of 8."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = 64
     for name in ("frame_encoder", "label_encoder", "posterior_head", "decoder_fusion",
                  "generator", "prior_head"):
         module = getattr(model, name)
         if module is not None:
             module.compile()
+
+
+def kernel_profile(device: torch.device, stepper: Stepper, step_seconds: float,
+                   top: int = 6) -> dict[str, Any]:
+    """What one more step spends its time on, from ``torch.profiler``.
+
+    CUDA: every kernel (and copy) the step launched, their summed device time against the
+    step's wall time from the timed rounds (``busy``: below 1, the GPU waits on the host, i.e.
+    launch-bound), and the kernels that took the most time. CPU: the operators with the most
+    self time. Names are cut to 90 characters."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _synchronize(device)
+    with profile(activities=activities) as prof:
+        stepper()
+        _synchronize(device)
+    totals: dict[str, float] = {}
+    launches = 0
+    if cuda:
+        for event in prof.events():
+            if event.device_type == DeviceType.CUDA:
+                launches += 1
+                totals[event.name] = totals.get(event.name, 0.0) + event.time_range.elapsed_us()
+    else:
+        for event in prof.key_averages():
+            totals[event.key] = event.self_cpu_time_total
+    busy_us = sum(totals.values())
+    ranked = sorted(totals.items(), key=lambda item: -item[1])[:top]
+    result: dict[str, Any] = {
+        "kind": "cuda kernels" if cuda else "cpu operators (self time)",
+        "top": [{"name": name[:90], "seconds": us / 1e6, "share": us / busy_us if busy_us else 0}
+                for name, us in ranked],
+    }
+    if cuda:
+        result.update(launches=launches, device_seconds=busy_us / 1e6,
+                      step_seconds=step_seconds, busy=busy_us / 1e6 / step_seconds)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,11 +382,12 @@ def _peaks(device: torch.device) -> tuple[dict[str, float], str]:
     name = torch.cuda.get_device_name(device)
     for key, peaks in PEAKS.items():
         if all(word in name for word in key.split()):
-            tf32 = ("on: fp32 convolutions may run on TF32 tensor cores, so fp32 MFU can pass 1"
-                    if torch.backends.cudnn.allow_tf32 else "off")
-            return peaks, (f"{name} as {key}: dense BF16 tensor core {peaks['bf16'] / 1e12:.1f} "
-                           f"TFLOP/s; FP32 non-tensor-core {peaks['fp32'] / 1e12:.1f} TFLOP/s "
-                           f"(cuDNN TF32 {tf32})")
+            tf32 = torch.backends.cudnn.allow_tf32
+            basis = {"bf16": peaks["bf16"], "fp32": peaks["tf32" if tf32 else "fp32"]}
+            fp32 = (f"fp32 paths: cuDNN may use TF32, dense TF32 {peaks['tf32'] / 1e12:.1f}"
+                    if tf32 else f"fp32 paths: TF32 off, FP32 {peaks['fp32'] / 1e12:.1f}")
+            return basis, (f"{name} as {key}: dense BF16 {peaks['bf16'] / 1e12:.1f} TFLOP/s; "
+                           f"{fp32} TFLOP/s")
     return {}, f"{name}: no peak on record, MFU not reported"
 
 
@@ -363,7 +413,8 @@ def _table(result: dict[str, Any]) -> str:
          f"{'on' if result['teacher_forcing'] else 'off'}"),
         (f"model: {result['macs_per_frame_step'] / 1e9:.3f} GMAC per frame step forward (from "
          f"the conv shapes), {result['flops_per_frame_step'] / 1e9:.2f} GFLOP with backward"),
-        f"peak: {result['peak_basis']}",
+        f"peak: {result['peak_basis']}"
+        + ("; cuDNN benchmark mode on" if result.get("cudnn_benchmark") else ""),
         "",
         f"{'path':<44}{'frame-steps/s':>14}{'x (a)':>8}{'GFLOP/s':>10}{'MFU':>8}",
     ]
@@ -377,6 +428,24 @@ def _table(result: dict[str, Any]) -> str:
             mfu = f"{p['mfu']:.1%}" if p["mfu"] is not None else "-"
             lines.append(f"{label:<44}{p['frame_steps_per_s']:>14.2f}"
                          f"{p['speedup_vs_reference']:>8.2f}{p['gflops_per_s']:>10.1f}{mfu:>8}")
+    labels = {"reference": "(a)", "runner": "(b)", "packed": "(c)", "runner_bf16": "(b) bf16",
+              "packed_bf16": "(c) bf16"}
+    for key, p in result["paths"].items():
+        if "step_gb" in p:
+            lines.append(f"{labels[key]} memory: {p['step_gb']:.2f} GB allocated by one step "
+                         f"({p['step_gb_per_member']:.2f} GB per member)")
+    for key, p in result["paths"].items():
+        if "profile" in p:
+            prof = p["profile"]
+            if "busy" in prof:
+                lines.append(f"{labels[key]} profile: {prof['launches']} kernels per step, "
+                             f"{prof['device_seconds'] * 1e3:.1f} ms of GPU time in a "
+                             f"{prof['step_seconds'] * 1e3:.1f} ms step (GPU busy "
+                             f"{prof['busy']:.0%})")
+            else:
+                lines.append(f"{labels[key]} profile: {prof['kind']}")
+            for entry in prof["top"]:
+                lines.append(f"    {entry['share']:>6.1%}  {entry['name']}")
     packed, runner = result["paths"]["packed"], result["paths"]["runner"]
     lines.append(f"packed vs {result['members']} single runs one after another: "
                  f"{packed['frame_steps_per_s'] / runner['frame_steps_per_s']:.2f}x")
@@ -401,6 +470,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     teacher_forcing = args.teacher_forcing == "on"
     B, T = profile.batch_size, profile.clip_length
     peaks, peak_basis = _peaks(device)
+    # Off unless asked, as in the runner (see --cudnn-benchmark).
+    torch.backends.cudnn.benchmark = device.type == "cuda" and args.cudnn_benchmark
 
     with tempfile.TemporaryDirectory() as tmp:
         root = write_png_set(Path(tmp), frames=profile.png_clips * T, height=profile.height,
@@ -454,9 +525,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for stepper in steppers.values():
                 stepper()
         seconds = dict.fromkeys(steppers, 0.0)
+        step_bytes = dict.fromkeys(steppers, 0)  # CUDA: most memory one step took on top
         for _ in range(steps):
             for name, stepper in steppers.items():
+                if device.type == "cuda":
+                    before = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
                 seconds[name] += _timed(device, stepper)
+                if device.type == "cuda":
+                    step_bytes[name] = max(step_bytes[name],
+                                           torch.cuda.max_memory_allocated(device) - before)
+        profiles = ({name: kernel_profile(device, stepper, seconds[name] / steps)
+                     for name, stepper in steppers.items()} if args.kernels else {})
 
         paths: dict[str, dict[str, Any]] = {}
         reference_rate = None
@@ -465,6 +545,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             peak = peaks.get("bf16" if name.endswith("bf16") else "fp32")
             paths[name] = _rate(steps * members * B * (T - 1), total, flops_per_step, peak,
                                 reference_rate)
+            if device.type == "cuda":
+                paths[name]["step_gb"] = step_bytes[name] / 1e9
+                paths[name]["step_gb_per_member"] = step_bytes[name] / 1e9 / members
+            if name in profiles:
+                paths[name]["profile"] = profiles[name]
             reference_rate = reference_rate or paths[name]["frame_steps_per_s"]
 
         # Evaluation throughput, on the runner's model.
@@ -505,6 +590,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warmup_steps": profile.warmup,
         "teacher_forcing": teacher_forcing,
         "compile": args.compile,
+        "kernels": args.kernels,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "reference_workers": args.workers,
         "macs_per_frame_step": macs["train"],
         "flops_per_frame_step": flops_per_step,
@@ -539,6 +626,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--bf16", action="store_true",
                         help="also time bf16 autocast and measure its val PSNR effect")
+    parser.add_argument("--kernels", action="store_true",
+                        help="profile one more step of each path: GPU kernels (count, busy "
+                             "fraction, the costliest) or CPU operators")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="CUDA: let cuDNN time its algorithms per shape (off in the runner: "
+                             "on an H100 it had not finished the warm-up of a 15-member pack "
+                             "after 200 s, and once failed with "
+                             "CUDNN_STATUS_EXECUTION_FAILED_CUDART)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the runner path's modules")
     parser.add_argument("--teacher-forcing", choices=("on", "off"), default="off",

@@ -40,8 +40,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from cvae.losses import kl_gaussians, kl_standard_normal, reconstruction_mse
-from cvae.model import VideoCVAE, reparameterize
+from cvae.model import VideoCVAE
 from cvae.schedules import kl_beta
 from cvae.train import (
     FitConfig,
@@ -49,8 +48,11 @@ from cvae.train import (
     Hooks,
     NonFiniteLossError,
     _draw,
+    draw_eps,
     finish_epoch,
     lr_factor,
+    rollout,
+    rollout_loss,
     set_lr,
     to_unit,
 )
@@ -115,24 +117,40 @@ def packable(states: Sequence[FitState], configs: Sequence[FitConfig]) -> bool:
 # ---------------------------------------------------------------------------------------------
 # One member's training rollout (runs under vmap, one member's tensors at a time)
 # ---------------------------------------------------------------------------------------------
-class _MemberRollout(nn.Module):
-    """Shell whose ``forward`` is ``cvae.train.rollout`` + the loss of ``_train_step_tensors``
-    for ONE member; ``functional_call`` swaps in that member's parameters and buffers.
+class _NativeBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that skips cuDNN. On CUDA, torch's batch-norm entry point asks its input
+    for its memory format before choosing cuDNN, which a vmapped tensor cannot answer
+    ("NYI: querying is_contiguous inside of vmap"); with cuDNN off it goes straight to the
+    native kernel, whose vmap rule normalizes each member with its own statistics."""
 
-    Kept step for step the same as ``cvae.train.rollout`` (posterior latent, lab KL), except
-    that eps arrives pre-drawn and the output activation and teacher forcing may be
-    per-member masks.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enabled = torch.backends.cudnn.enabled
+        torch.backends.cudnn.enabled = False  # read by F.batch_norm at the call
+        try:
+            return super().forward(x)
+        finally:
+            torch.backends.cudnn.enabled = enabled
+
+
+class _MemberRollout(nn.Module):
+    """Shell whose ``forward`` is ``cvae.train.rollout`` + ``rollout_loss`` for ONE member;
+    ``functional_call`` swaps in that member's parameters and buffers. The rollout is the
+    single-run code itself; only the output activation and teacher forcing may be per-member
+    masks (``torch.where``) when members differ in them.
     """
 
     def __init__(self, model: VideoCVAE):
         super().__init__()
         self.model = copy.deepcopy(model).to("meta")  # structure only: tensors come per call
+        for module in self.model.modules():
+            if type(module) is nn.BatchNorm2d:
+                module.__class__ = _NativeBatchNorm2d
 
     def forward(
         self,
         frames: torch.Tensor,  # (B, T, 3, H, W) uint8
         labels: torch.Tensor,  # (B, T, 3, H, W) uint8
-        eps: torch.Tensor,  # (T-1, B, N, H, W)
+        eps: torch.Tensor,  # (B, T-1, N, H, W)
         beta: torch.Tensor,  # ()
         teacher_forcing: torch.Tensor,  # () bool, read only when teacher_mode == "mixed"
         sigmoid: torch.Tensor,  # () bool, read only when activation == "mixed"
@@ -141,46 +159,12 @@ class _MemberRollout(nn.Module):
         activation: str,  # "sigmoid" | "identity" | "mixed"
         detach_prev: bool,
     ) -> torch.Tensor:
-        model = self.model
-        frames, labels = to_unit(frames), to_unit(labels)
-        B, T = frames.shape[:2]
-        label_features = model.label_encoder(labels.flatten(0, 1)).unflatten(0, (B, T))
-        truth_features = model.frame_encoder(frames[:, 1:].flatten(0, 1)).unflatten(0, (B, T - 1))
-        if teacher_mode == "all":
-            prev_all = model.frame_encoder(frames[:, :-1].flatten(0, 1)).unflatten(0, (B, T - 1))
-
-        mses, kls = [], []
-        prev = frames[:, 0]
-        for t in range(1, T):
-            if teacher_mode == "all":
-                prev_features = prev_all[:, t - 1]
-            else:
-                prev_features = model.frame_encoder(prev)
-            if detach_prev:
-                prev_features = prev_features.detach()
-            label_t = label_features[:, t]
-            mu, logvar = model.posterior_from_features(truth_features[:, t - 1], label_t)
-            z = reparameterize(mu, logvar, eps[t - 1])
-            raw = model.decode_from_features(prev_features, label_t, z)
-            if activation == "sigmoid":
-                x_hat = torch.sigmoid(raw)
-            elif activation == "identity":
-                x_hat = raw
-            else:
-                x_hat = torch.where(sigmoid, torch.sigmoid(raw), raw)
-            mses.append(reconstruction_mse(x_hat, frames[:, t]))
-            if model.prior_head is None:
-                kls.append(kl_standard_normal(mu, logvar))
-            else:
-                kls.append(kl_gaussians(mu, logvar, *model.prior_from_features(prev_features,
-                                                                               label_t)))
-            if teacher_mode == "none":
-                prev = x_hat
-            elif teacher_mode == "mixed":
-                prev = torch.where(teacher_forcing, frames[:, t], x_hat)
-        mse_sum, kl_sum = torch.stack(mses).sum(), torch.stack(kls).sum()
-        loss = mse_sum + beta * kl_sum  # sum over steps of [MSE_t + beta * KL_t]
-        return torch.stack([loss, mse_sum / (T - 1), kl_sum / (T - 1)])
+        teacher = {"all": True, "none": False}.get(teacher_mode, teacher_forcing)
+        activate = {"sigmoid": torch.sigmoid, "identity": lambda raw: raw}.get(
+            activation, lambda raw: torch.where(sigmoid, torch.sigmoid(raw), raw))
+        out = rollout(self.model, to_unit(frames), to_unit(labels), eps,
+                      teacher_forcing=teacher, detach_prev=detach_prev, activate=activate)
+        return rollout_loss(out, beta)
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -319,12 +303,10 @@ class PackedTrainer:
         params = {f"model.{name}": _stack([p[name] for p in member_params])
                   for name in member_params[0]}
         # eps exactly as alone: T-1 draws of (B, N, H, W) from each member's noise generator.
-        latent_dim = states[0].model.latent_dim
+        shape = (B, states[0].model.latent_dim, H, W)
         dtype = next(states[0].model.parameters()).dtype
-        eps = torch.stack([
-            torch.stack([torch.randn((B, latent_dim, H, W), generator=s.noise_generator,
-                                     device=frames.device, dtype=dtype) for _ in range(T - 1)])
-            for s in states])  # (K, T-1, B, N, H, W)
+        eps = torch.stack([draw_eps(s.noise_generator, shape, T - 1, device=frames.device,
+                                    dtype=dtype) for s in states])  # (K, B, T-1, N, H, W)
         options = {
             "teacher_mode": _mode(teacher_flags, yes="all", no="none"),
             "activation": _mode(self._sigmoid, yes="sigmoid", no="identity"),

@@ -1,8 +1,9 @@
 """Rollout, training step, evaluation and the ``fit`` loop.
 
-One frame step (``_predict``) serves the training rollout (``rollout``) and closed-loop
-generation (``generate``, which ``evaluate`` and ``cvae.submission`` use): teacher forcing and
-the latent source (``posterior`` | ``prior_sample`` | ``prior_mean``) are arguments. Data
+Training (``rollout``) draws z from the posterior and runs everything that does not depend on
+earlier predictions once over all frames of a batch; closed-loop generation (``generate``,
+which ``evaluate`` and ``cvae.submission`` use) goes frame by frame with z from the prior (a
+sample or its mean). Data
 arrive as uint8 tensors (decoded once, see ``cvae.data``) and are scaled to [0, 1] on the
 device.
 
@@ -40,9 +41,6 @@ LRScheduleKind = Literal["multistep", "cosine", "constant"]
 LR_SCHEDULES: tuple[str, ...] = ("multistep", "cosine", "constant")
 
 
-Gaussian = tuple[torch.Tensor, torch.Tensor]  # (mu, logvar), each (B, N, H, W)
-
-
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the run cannot continue."""
 
@@ -62,101 +60,114 @@ class Rollout:
     kl: torch.Tensor  # (T-1,): KL of each step (lab reduction)
 
 
-def _latent(
-    model: VideoCVAE,
-    latent: LatentSource,
-    *,
-    posterior: tuple[torch.Tensor, torch.Tensor] | None,
-    prior: tuple[torch.Tensor, torch.Tensor],
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    if latent == "posterior":
-        assert posterior is not None
-        mu, logvar = posterior
-    else:
-        mu, logvar = prior
-    if latent == "prior_mean":
-        return mu
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-    return reparameterize(mu, logvar, eps)
-
-
-def _predict(
+def _generate_step(
     model: VideoCVAE,
     prev_features: torch.Tensor,
     label_features: torch.Tensor,
     *,
     latent: LatentSource,
-    truth_features: torch.Tensor | None,
     generator: torch.Generator | None,
-) -> tuple[torch.Tensor, Gaussian, Gaussian | None]:
-    """One frame step, shared by training (``rollout``) and generation (``generate``).
+) -> torch.Tensor:
+    """One closed-loop frame step of ``generate``: z from the prior p(z_t | x_{t-1}, P_t), a
+    sample or its mean. prev_features (B, F, H, W), label_features (B, L, H, W); returns
+    x_hat (B, 3, H, W)."""
+    mu, logvar = model.prior_from_features(prev_features, label_features)
+    if latent == "prior_mean":
+        z = mu
+    else:
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        z = reparameterize(mu, logvar, eps)
+    return model.activate(model.decode_from_features(prev_features, label_features, z))
 
-    prev_features (B, F, H, W), label_features (B, L, H, W); truth_features (B, F, H, W) are
-    the current ground-truth frame's features for the posterior (None when generating).
-    Returns x_hat (B, 3, H, W), the prior (mu, logvar) and the posterior (mu, logvar) or None.
-    """
-    prior = model.prior_from_features(prev_features, label_features)
-    posterior = (
-        model.posterior_from_features(truth_features, label_features)
-        if truth_features is not None else None
-    )
-    z = _latent(model, latent, posterior=posterior, prior=prior, generator=generator)
-    x_hat = model.activate(model.decode_from_features(prev_features, label_features, z))
-    return x_hat, prior, posterior
+
+def draw_eps(generator: torch.Generator | None, shape: tuple[int, ...], steps: int, *,
+             device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The rollout's noise: ``steps`` draws of ``shape`` (B, N, H, W) from ``generator``, one
+    per time step in order, stacked on dim 1: (B, steps, N, H, W). The single-run and packed
+    trainers both draw through here, so a member sees the same eps either way."""
+    return torch.stack([torch.randn(shape, generator=generator, device=device, dtype=dtype)
+                        for _ in range(steps)], dim=1)
+
+
+def _encode_prev(model: VideoCVAE, frames: torch.Tensor, detach: bool) -> torch.Tensor:
+    """Frame features of previous frames; ``detach`` (the report's choice): no gradient flows
+    through them, so autograd records nothing there either."""
+    if detach:
+        with torch.no_grad():
+            return model.frame_encoder(frames)
+    return model.frame_encoder(frames)
 
 
 def rollout(
     model: VideoCVAE,
     frames: torch.Tensor,
     labels: torch.Tensor,
+    eps: torch.Tensor,
     *,
-    teacher_forcing: bool,
-    latent: LatentSource = "posterior",
-    generator: torch.Generator | None = None,
+    teacher_forcing: bool | torch.Tensor,
     detach_prev: bool = True,
-    compute_kl: bool = True,
+    activate: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Rollout:
-    """Predict frames 2..T of a clip from frame 1 and the labels.
+    """The training rollout: predict frames 2..T of a clip from frame 1 and the labels, z from
+    the posterior q(z_t | x_t, P_t).
 
-    frames, labels: (B, T, 3, H, W) floats in [0, 1]. Step t encodes the previous frame
-    (ground truth under teacher forcing, else the previous prediction), draws z from
-    ``latent`` and decodes. ``detach_prev`` stops gradients through the previous frame's
-    features (the report's choice). ``compute_kl=False`` (evaluation without ground truth for
-    the posterior) skips the posterior and KL.
+    frames, labels: (B, T, 3, H, W) floats in [0, 1]; eps: (B, T-1, N, H, W) (``draw_eps``).
+    Step t decodes from the previous frame (ground truth under teacher forcing, else the
+    previous prediction), the label and z_t. ``teacher_forcing`` may be a 0-dim bool tensor
+    (one packed member's draw under vmap), decided per step with ``torch.where``.
+    ``detach_prev`` stops gradients through the previous frame's features (the report's
+    choice). ``activate`` maps the generator's raw output to x_hat (default: the model's).
+
+    What does not depend on earlier predictions runs once over all B*(T-1) frames: the label
+    and ground-truth encoders, the posterior, z; under teacher forcing the decoder too; the
+    learned prior after the loop. Only the autoregressive chain (encode the previous
+    prediction, decode) runs step by step.
     """
+    activate = activate or model.activate
     B, T = frames.shape[:2]
-    # Encoders run once over (B*T, ...) and are unflattened back to (B, T, ...).
-    label_features = model.label_encoder(labels.flatten(0, 1)).unflatten(0, (B, T))
-    need_posterior = compute_kl or latent == "posterior"
-    if need_posterior:
-        # (B, T-1, F, H, W): the ground-truth frames the posterior sees, encoded in one call.
-        truth_features = model.frame_encoder(frames[:, 1:].flatten(0, 1)).unflatten(0, (B, T - 1))
-    if teacher_forcing:
-        # Every previous frame is known: encode them all at once.
-        prev_all = model.frame_encoder(frames[:, :-1].flatten(0, 1)).unflatten(0, (B, T - 1))
+    steps = T - 1
+    # The label encoder sees all T labels, as it always has (its BatchNorm batch statistics).
+    label_features = model.label_encoder(labels.flatten(0, 1)).unflatten(0, (B, T))[:, 1:]
+    labels_flat = label_features.flatten(0, 1)  # (B*S, L, H, W)
+    mu, logvar = model.posterior_from_features(model.frame_encoder(frames[:, 1:].flatten(0, 1)),
+                                               labels_flat)  # (B*S, N, H, W) each
+    z = reparameterize(mu, logvar, eps.flatten(0, 1))
 
-    predictions, mses, kls = [], [], []
-    prev = frames[:, 0]
-    for t in range(1, T):
-        prev_features = prev_all[:, t - 1] if teacher_forcing else model.frame_encoder(prev)
-        if detach_prev:
-            prev_features = prev_features.detach()
-        x_hat, prior, posterior = _predict(
-            model, prev_features, label_features[:, t], latent=latent,
-            truth_features=truth_features[:, t - 1] if need_posterior else None,
-            generator=generator)
-        predictions.append(x_hat)
-        mses.append(reconstruction_mse(x_hat, frames[:, t]))
-        if compute_kl:
-            assert posterior is not None
-            if model.prior_head is None:
-                kls.append(kl_standard_normal(*posterior))
-            else:
-                kls.append(kl_gaussians(*posterior, *prior))
-        prev = frames[:, t] if teacher_forcing else x_hat
-    kl = torch.stack(kls) if kls else torch.zeros(T - 1, device=frames.device)
-    return Rollout(torch.stack(predictions, dim=1), torch.stack(mses), kl)
+    if teacher_forcing is True:
+        prev_features = _encode_prev(model, frames[:, :-1].flatten(0, 1), detach_prev)
+        predictions = activate(model.decode_from_features(prev_features, labels_flat, z))
+        predictions = predictions.unflatten(0, (B, steps))
+    else:
+        z = z.unflatten(0, (B, steps))
+        outputs, prevs = [], []
+        prev = frames[:, 0]
+        for s in range(steps):
+            features = _encode_prev(model, prev, detach_prev)
+            x_hat = activate(model.decode_from_features(features, label_features[:, s], z[:, s]))
+            outputs.append(x_hat)
+            prevs.append(features)
+            prev = (x_hat if teacher_forcing is False
+                    else torch.where(teacher_forcing, frames[:, s + 1], x_hat))
+        predictions = torch.stack(outputs, dim=1)
+        prev_features = torch.stack(prevs, dim=1).flatten(0, 1)
+
+    mse = reconstruction_mse(predictions, frames[:, 1:], per_step=True)
+    mu, logvar = mu.unflatten(0, (B, steps)), logvar.unflatten(0, (B, steps))
+    if model.prior_head is None:
+        kl = kl_standard_normal(mu, logvar, per_step=True)
+    else:
+        prior = model.prior_from_features(prev_features, labels_flat)
+        kl = kl_gaussians(mu, logvar, *(p.unflatten(0, (B, steps)) for p in prior),
+                          per_step=True)
+    return Rollout(predictions, mse, kl)
+
+
+def rollout_loss(out: Rollout, beta: torch.Tensor | float) -> torch.Tensor:
+    """(loss, mse, kl) as a (3,) tensor: the objective sum_t [MSE_t + beta * KL_t], and the
+    MSE and KL per predicted frame."""
+    mse_sum, kl_sum = out.mse.sum(), out.kl.sum()
+    steps = out.mse.shape[0]
+    return torch.stack([mse_sum + beta * kl_sum, mse_sum / steps, kl_sum / steps])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,17 +224,18 @@ def _train_step_tensors(
     detach_prev: bool,
 ) -> torch.Tensor:
     """One backward and one optimizer step; returns detached (loss, mse, kl) as a (3,) tensor."""
-    out = rollout(model, to_unit(frames), to_unit(labels), teacher_forcing=teacher_forcing,
-                  latent="posterior", generator=generator, detach_prev=detach_prev)
-    mse_sum, kl_sum = out.mse.sum(), out.kl.sum()
-    loss = mse_sum + beta * kl_sum  # sum over steps of [MSE_t + beta * KL_t]
+    frames, labels = to_unit(frames), to_unit(labels)
+    B, T, _, H, W = frames.shape
+    eps = draw_eps(generator, (B, model.latent_dim, H, W), T - 1, device=frames.device,
+                   dtype=frames.dtype)
+    values = rollout_loss(rollout(model, frames, labels, eps, teacher_forcing=teacher_forcing,
+                                  detach_prev=detach_prev), beta)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    values[0].backward()
     if grad_clip is not None:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    steps = out.mse.shape[0]
-    return torch.stack([loss, mse_sum / steps, kl_sum / steps]).detach()
+    return values.detach()
 
 
 def train_step(model: VideoCVAE, optimizer: torch.optim.Optimizer, frames: torch.Tensor,
@@ -300,8 +312,8 @@ def generate(
         outputs = [prev]
         for t in range(1, pose.shape[0]):
             label_t = label_features[t : t + 1].expand(n, -1, -1, -1)
-            prev, _, _ = _predict(model, model.frame_encoder(prev), label_t, latent=latent,
-                                  truth_features=None, generator=generator)
+            prev = _generate_step(model, model.frame_encoder(prev), label_t, latent=latent,
+                                  generator=generator)
             outputs.append(prev)
         return torch.stack(outputs, dim=1)  # (n, L, 3, H, W)
     finally:

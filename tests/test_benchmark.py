@@ -14,7 +14,7 @@ def test_throughput_smoke_writes_json(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks.throughput", "--device", "cpu", "--profile", "smoke",
-         "--steps", "2", "--members", "2", "--out", str(out)],
+         "--steps", "2", "--members", "2", "--kernels", "--out", str(out)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "frame-steps/s" in completed.stdout and "(c) packed: 2 members" in completed.stdout
@@ -33,6 +33,12 @@ def test_throughput_smoke_writes_json(tmp_path):
     assert result["paths"]["packed"]["frame_steps"] == 2 * 2 * clip_steps
     assert result["paths"]["reference"]["speedup_vs_reference"] == 1.0
     assert result["eval"]["frames"] == 64 and result["eval"]["frames_per_s"] > 0
+    # --kernels: each path's costliest operators, convolutions among them, shares summing <= 1
+    for path in result["paths"].values():
+        top = path["profile"]["top"]
+        assert len(top) == 6 and 0 < sum(entry["share"] for entry in top) <= 1 + 1e-9
+        assert any("convolution" in entry["name"] for entry in top)
+    assert "(c) profile: cpu operators (self time)" in completed.stdout
 
 
 def test_macs_match_the_lab_count():

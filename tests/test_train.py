@@ -280,3 +280,56 @@ def test_learned_prior_trains():
     changed = [not torch.equal(prior_before[k], v)
                for k, v in state.model.prior_head.state_dict().items()]
     assert any(changed)
+
+
+def _stepwise_loss(model, frames, labels, eps, *, teacher_forcing, detach_prev):
+    """The template's way, frame by frame: per step encode the previous frame, the label and
+    the current frame, take the posterior, decode; the lab's loss summed over steps."""
+    total = frames.new_zeros(())
+    prev = frames[:, 0]
+    for t in range(1, frames.shape[1]):
+        prev_features = model.frame_encoder(prev)
+        if detach_prev:
+            prev_features = prev_features.detach()
+        label_features = model.label_encoder(labels[:, t])
+        mu, logvar = model.posterior_from_features(model.frame_encoder(frames[:, t]),
+                                                   label_features)
+        z = mu + torch.exp(0.5 * logvar) * eps[:, t - 1]
+        x_hat = model.activate(model.decode_from_features(prev_features, label_features, z))
+        if model.prior_head is None:
+            kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / frames.shape[0]
+        else:
+            mu_p, logvar_p = model.prior_from_features(prev_features, label_features)
+            kl = 0.5 * torch.sum(logvar_p - logvar + torch.exp(logvar - logvar_p)
+                                 + (mu - mu_p).pow(2) * torch.exp(-logvar_p) - 1) / frames.shape[0]
+        total = total + torch.nn.functional.mse_loss(x_hat, frames[:, t]) + 0.3 * kl
+        prev = frames[:, t] if teacher_forcing else x_hat
+    return total
+
+
+@pytest.mark.parametrize("teacher_forcing", [True, False])
+@pytest.mark.parametrize("prior", ["standard_normal", "learned"])
+@pytest.mark.parametrize("detach_prev", [True, False])
+def test_batched_rollout_is_the_stepwise_rollout(teacher_forcing, prior, detach_prev):
+    """The rollout runs the encoders, the posterior (and under teacher forcing the decoder)
+    once over all frames and keeps only the autoregressive chain step by step: in float64 its
+    loss and every gradient equal the template's frame-by-frame computation. BatchNorm is in
+    eval mode so that batching the label encoder cannot change its statistics."""
+    from cvae.train import rollout, rollout_loss
+
+    torch.manual_seed(0)
+    model = VideoCVAE(**DIMS, prior=prior).double().eval()
+    frames, labels = square_video(10)
+    frames = to_unit(frames).double().view(2, 5, 3, H, W)
+    labels = to_unit(labels).double().view(2, 5, 3, H, W)
+    eps = torch.randn(2, 4, DIMS["latent_dim"], H, W, dtype=torch.float64)
+
+    reference = _stepwise_loss(model, frames, labels, eps, teacher_forcing=teacher_forcing,
+                               detach_prev=detach_prev)
+    expected = torch.autograd.grad(reference, list(model.parameters()))
+    ours = rollout_loss(rollout(model, frames, labels, eps, teacher_forcing=teacher_forcing,
+                                detach_prev=detach_prev), 0.3)[0]
+    grads = torch.autograd.grad(ours, list(model.parameters()))
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=0)
+    for (name, _), got, want in zip(model.named_parameters(), grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12, msg=name)
