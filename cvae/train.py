@@ -133,23 +133,25 @@ def rollout(
                                                labels_flat)  # (B*S, N, H, W) each
     z = reparameterize(mu, logvar, eps.flatten(0, 1))
 
-    if teacher_forcing is True:
+    mixed = isinstance(teacher_forcing, torch.Tensor)
+    if not mixed and teacher_forcing:
         prev_features = _encode_prev(model, frames[:, :-1].flatten(0, 1), detach_prev)
         predictions = activate(model.decode_from_features(prev_features, labels_flat, z))
         predictions = predictions.unflatten(0, (B, steps))
     else:
         z = z.unflatten(0, (B, steps))
-        outputs, prevs = [], []
+        outputs, prevs = [], []  # prevs: kept for the learned prior only
         prev = frames[:, 0]
         for s in range(steps):
             features = _encode_prev(model, prev, detach_prev)
             x_hat = activate(model.decode_from_features(features, label_features[:, s], z[:, s]))
             outputs.append(x_hat)
-            prevs.append(features)
-            prev = (x_hat if teacher_forcing is False
-                    else torch.where(teacher_forcing, frames[:, s + 1], x_hat))
+            if model.prior_head is not None:
+                prevs.append(features)
+            prev = torch.where(teacher_forcing, frames[:, s + 1], x_hat) if mixed else x_hat
         predictions = torch.stack(outputs, dim=1)
-        prev_features = torch.stack(prevs, dim=1).flatten(0, 1)
+        if prevs:
+            prev_features = torch.stack(prevs, dim=1).flatten(0, 1)
 
     mse = reconstruction_mse(predictions, frames[:, 1:], per_step=True)
     mu, logvar = mu.unflatten(0, (B, steps)), logvar.unflatten(0, (B, steps))
