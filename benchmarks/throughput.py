@@ -38,8 +38,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -292,15 +291,13 @@ def _one_batch_epochs(clips: torch.Tensor, labels: torch.Tensor, batch_size: int
         yield clips[index], labels[index]
 
 
-def runner_stepper(state, config: FitConfig, clips: torch.Tensor, labels: torch.Tensor, *,
-                   device: torch.device, autocast: torch.dtype | None) -> Stepper:
+def runner_stepper(state, config: FitConfig, clips: torch.Tensor, labels: torch.Tensor) -> Stepper:
     """One ``cvae.train.train_epoch`` of one batch per call (its per-epoch host sync
-    included); bf16: the whole step under autocast."""
+    included); ``config.precision`` says fp32 or bf16 autocast, as in the runner."""
     data = _one_batch_epochs(clips, labels, config.batch_size)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=autocast) if autocast else nullcontext():
-            train_epoch(state, *next(data), config, Hooks())
+        train_epoch(state, *next(data), config, Hooks())
         state.epoch += 1
 
     return step
@@ -487,37 +484,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         flops_per_step = 3 * 2 * macs["train"]
         config = _member_config(0, profile=profile, teacher_forcing=teacher_forcing)
 
-        def single(autocast: torch.dtype | None):
+        def single(precision: str):
             model = copy.deepcopy(initial).to(device, memory_format=torch.channels_last)
             if args.compile:
                 compile_model(model)
-            state = new_fit_state(model, config, seed=0)
-            return state, runner_stepper(state, config, clips, labels, device=device,
-                                         autocast=autocast)
+            member = replace(config, precision=precision)
+            state = new_fit_state(model, member, seed=0)
+            return state, runner_stepper(state, member, clips, labels)
 
-        def packed(autocast: torch.dtype | None) -> Stepper:
+        def packed(precision: str) -> Stepper:
             states, configs = [], []
             for k in range(args.members):
                 torch.manual_seed(k)
                 model = VideoCVAE(**dims).to(device, memory_format=torch.channels_last)
-                member = _member_config(k, profile=profile, teacher_forcing=teacher_forcing)
+                member = replace(_member_config(k, profile=profile,
+                                                teacher_forcing=teacher_forcing),
+                                 precision=precision)
                 states.append(new_fit_state(model, member, seed=k))
                 configs.append(member)
-            return packed_stepper(PackedTrainer(states, configs, autocast_dtype=autocast),
-                                  clips, labels)
+            return packed_stepper(PackedTrainer(states, configs), clips, labels)
 
-        state_fp32, runner = single(None)
+        state_fp32, runner = single("fp32")
         steppers = {
             "reference": reference_stepper(copy.deepcopy(initial).to(device), dataset,
                                            device=device, batch_size=B,
                                            teacher_forcing=teacher_forcing,
                                            workers=args.workers),
             "runner": runner,
-            "packed": packed(None),
+            "packed": packed("fp32"),
         }
         if args.bf16:
-            state_bf16, steppers["runner_bf16"] = single(torch.bfloat16)
-            steppers["packed_bf16"] = packed(torch.bfloat16)
+            state_bf16, steppers["runner_bf16"] = single("bf16")
+            steppers["packed_bf16"] = packed("bf16")
 
         # Timed in rounds, one step of every path per round, so that a change in the load
         # of a shared machine falls on all paths alike.

@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -48,6 +47,8 @@ from cvae.train import (
     Hooks,
     NonFiniteLossError,
     _draw,
+    autocast,
+    autocast_dtype,
     draw_eps,
     finish_epoch,
     lr_factor,
@@ -81,8 +82,8 @@ def packing_problems(states: Sequence[FitState], configs: Sequence[FitConfig]) -
     """Why these members cannot train packed (empty list: they can).
 
     Must match: architecture (dims, prior), device and dtype, batch size, epochs, the
-    current epoch and ``detach_prev``. May differ: seed, lr and its schedule, optimizer
-    (each member steps its own), KL schedule, teacher forcing, output activation,
+    current epoch, ``detach_prev`` and the precision. May differ: seed, lr and its schedule,
+    optimizer (each member steps its own), KL schedule, teacher forcing, output activation,
     gradient clipping and the evaluation settings.
     """
     if len(states) != len(configs):
@@ -100,7 +101,7 @@ def packing_problems(states: Sequence[FitState], configs: Sequence[FitConfig]) -
         if (param.device, param.dtype) != (first_param.device, first_param.dtype):
             problems.append(f"member {k}: on {param.device}/{param.dtype}, "
                             f"member 0 on {first_param.device}/{first_param.dtype}")
-        for name in ("batch_size", "epochs", "detach_prev"):
+        for name in ("batch_size", "epochs", "detach_prev", "precision"):
             if getattr(config, name) != getattr(first_config, name):
                 problems.append(f"member {k}: {name}={getattr(config, name)!r}, "
                                 f"member 0 has {getattr(first_config, name)!r}")
@@ -190,17 +191,16 @@ class PackedTrainer:
 
     ``states``: one ``FitState`` per member (``cvae.train.new_fit_state``; models already on
     the device, in any memory format, all the same architecture); ``configs``: one
-    ``FitConfig`` each. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward under
-    autocast: opt-in, not bit-comparable with fp32 single runs.
+    ``FitConfig`` each. Members whose configs say ``precision="bf16"`` run the forward under
+    bf16 autocast, as ``cvae.train`` does for a single run.
     """
 
-    def __init__(self, states: Sequence[FitState], configs: Sequence[FitConfig], *,
-                 autocast_dtype: torch.dtype | None = None):
+    def __init__(self, states: Sequence[FitState], configs: Sequence[FitConfig]):
         problems = packing_problems(states, configs)
         if problems:
             raise ValueError("members cannot be packed: " + "; ".join(problems))
         self.states, self.configs = list(states), list(configs)
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype = autocast_dtype(self.configs[0].precision)
         self._shell = _MemberRollout(self.states[0].model)
         self._sigmoid = [s.model.output_activation == "sigmoid" for s in self.states]
 
@@ -316,9 +316,7 @@ class PackedTrainer:
         def member(p, b, *args):
             return functional_call(self._shell, (p, b), args, options)
 
-        autocast = (torch.autocast(frames.device.type, dtype=self.autocast_dtype)
-                    if self.autocast_dtype is not None else nullcontext())
-        with autocast:  # the forward only; backward runs in the dtypes it recorded
+        with autocast(frames.device, self.autocast_dtype):  # the forward only
             values = vmap(member)(params, buffers, frames, labels, eps, beta, teacher_forcing,
                                   sigmoid)  # (K, 3): loss, mse, kl per member
 
@@ -385,8 +383,7 @@ def fit_packed(
             if not keep:
                 break
             trainer = PackedTrainer([trainer.states[k] for k in keep],
-                                    [trainer.configs[k] for k in keep],
-                                    autocast_dtype=trainer.autocast_dtype)
+                                    [trainer.configs[k] for k in keep])
         for state, config, hook, metrics in zip(trainer.states, trainer.configs, member_hooks,
                                                 all_metrics):
             finish_epoch(state, config, metrics, val_frames, val_labels, hook)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,6 +40,20 @@ OptimizerKind = Literal["adam", "adamw"]
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
 LRScheduleKind = Literal["multistep", "cosine", "constant"]
 LR_SCHEDULES: tuple[str, ...] = ("multistep", "cosine", "constant")
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a training precision: None for fp32 (no autocast)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}; choose one of {PRECISIONS}")
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or nothing when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -153,13 +168,15 @@ def rollout(
         if prevs:
             prev_features = torch.stack(prevs, dim=1).flatten(0, 1)
 
-    mse = reconstruction_mse(predictions, frames[:, 1:], per_step=True)
-    mu, logvar = mu.unflatten(0, (B, steps)), logvar.unflatten(0, (B, steps))
+    # The losses in the frames' dtype: under bf16 autocast the network's outputs are bf16.
+    dtype = frames.dtype
+    mse = reconstruction_mse(predictions.to(dtype), frames[:, 1:], per_step=True)
+    mu, logvar = (x.unflatten(0, (B, steps)).to(dtype) for x in (mu, logvar))
     if model.prior_head is None:
         kl = kl_standard_normal(mu, logvar, per_step=True)
     else:
         prior = model.prior_from_features(prev_features, labels_flat)
-        kl = kl_gaussians(mu, logvar, *(p.unflatten(0, (B, steps)) for p in prior),
+        kl = kl_gaussians(mu, logvar, *(p.unflatten(0, (B, steps)).to(dtype) for p in prior),
                           per_step=True)
     return Rollout(predictions, mse, kl)
 
@@ -224,14 +241,19 @@ def _train_step_tensors(
     grad_clip: float | None,
     generator: torch.Generator | None,
     detach_prev: bool,
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """One backward and one optimizer step; returns detached (loss, mse, kl) as a (3,) tensor."""
+    """One backward and one optimizer step; returns detached (loss, mse, kl) as a (3,) tensor.
+    ``precision="bf16"``: the forward under bf16 autocast (parameters, gradients and the
+    optimizer stay fp32)."""
     frames, labels = to_unit(frames), to_unit(labels)
     B, T, _, H, W = frames.shape
     eps = draw_eps(generator, (B, model.latent_dim, H, W), T - 1, device=frames.device,
                    dtype=frames.dtype)
-    values = rollout_loss(rollout(model, frames, labels, eps, teacher_forcing=teacher_forcing,
-                                  detach_prev=detach_prev), beta)
+    with autocast(frames.device, autocast_dtype(precision)):
+        values = rollout_loss(rollout(model, frames, labels, eps,
+                                      teacher_forcing=teacher_forcing,
+                                      detach_prev=detach_prev), beta)
     optimizer.zero_grad(set_to_none=True)
     values[0].backward()
     if grad_clip is not None:
@@ -370,6 +392,7 @@ class FitConfig:
     teacher_forcing: TeacherForcing = field(default_factory=TeacherForcing)
     grad_clip: float | None = 1.0
     detach_prev: bool = True
+    precision: Precision = "fp32"  # "bf16": training forward under autocast; eval stays fp32
     eval_every: int = 1
     eval_latent: LatentSource = "prior_sample"
     eval_samples: int = 1
@@ -475,7 +498,8 @@ def train_epoch(state: FitState, clips: torch.Tensor, clip_labels: torch.Tensor,
             model, state.optimizer, clips[batch].to(device, non_blocking=True),
             clip_labels[batch].to(device, non_blocking=True), beta=beta,
             teacher_forcing=use_tf and tf_ratio > 0, grad_clip=config.grad_clip,
-            generator=state.noise_generator, detach_prev=config.detach_prev)
+            generator=state.noise_generator, detach_prev=config.detach_prev,
+            precision=config.precision)
         totals += values.double()
         hooks.on_batch(epoch, index, len(batches))
     loss, mse, kl = (totals / len(batches)).tolist()  # one host sync per epoch

@@ -73,6 +73,7 @@ def fit_config(spec: ExperimentSpec) -> FitConfig:
         lr_schedule=spec.lr_schedule.kind, lr_milestones=spec.lr_schedule.milestones,
         lr_gamma=spec.lr_schedule.gamma, kl=spec.kl, teacher_forcing=spec.teacher_forcing,
         grad_clip=spec.train.grad_clip, detach_prev=spec.train.detach_prev,
+        precision=spec.train.precision,
         eval_every=spec.eval.every, eval_latent=spec.eval.latent,
         eval_samples=spec.eval.samples,
     )

@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from cvae.model import OUTPUT_ACTIVATIONS, PRIOR_KINDS
 from cvae.schedules import KL_KINDS, ConstantKL, CyclicalKL, KLSchedule, MonotonicKL, TeacherForcing
-from cvae.train import LATENT_SOURCES, LR_SCHEDULES, OPTIMIZERS
+from cvae.train import LATENT_SOURCES, LR_SCHEDULES, OPTIMIZERS, PRECISIONS
 
 
 class SpecError(ValueError):
@@ -111,6 +111,9 @@ class TrainSpec:
     batch_size: int = 2
     grad_clip: float = 1.0
     detach_prev: bool = True
+    # "bf16": training steps under bf16 autocast (opt-in; evaluation stays fp32). See README,
+    # Performance, for its measured speed and effect on val PSNR.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -118,6 +121,7 @@ class TrainSpec:
         if self.batch_size < 1:
             raise SpecError(f"train.batch_size={self.batch_size} must be >= 1")
         _positive(self.grad_clip, "train.grad_clip")
+        _choice(self.precision, "train.precision", PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -219,10 +223,13 @@ def from_json(text: str) -> ExperimentSpec:
 
 
 def spec_hash(spec: ExperimentSpec) -> str:
-    """Content hash of the science: everything but the seed, name and description."""
+    """Content hash of the science: everything but the seed, name and description. The
+    default precision (fp32) is left out, so specs from before that key keep their hash."""
     data = to_dict(spec)
     for key in TOP_LEVEL:
         data.pop(key, None)
+    if data["train"].get("precision") == "fp32":
+        del data["train"]["precision"]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -251,6 +251,25 @@ def test_packable_reports_what_differs():
     assert any("batch_size" in p for p in packing_problems(states[:2], other_batch))
     with pytest.raises(ValueError, match="cannot be packed"):
         PackedTrainer(states[:2], other_batch)
+    other_precision = [configs[0], replace(configs[1], precision="bf16")]
+    assert any("precision" in p for p in packing_problems(states[:2], other_precision))
+
+
+def test_bf16_members_pack_like_bf16_single_runs():
+    """precision="bf16" packs too: the packed forward runs under the same bf16 autocast as a
+    single run, so each member's epoch loss is its single run's within bf16 rounding."""
+    states, configs = _states()
+    configs = [replace(c, precision="bf16") for c in configs]
+    alone_states, _ = _states()
+    clips, labels, _, _ = _data()
+    alone = [train_epoch(s, clips, labels, c, Hooks()) for s, c in zip(alone_states, configs)]
+    packed = PackedTrainer(states, configs)
+    assert packed.autocast_dtype is torch.bfloat16
+    together = packed.train_epoch(clips, labels)
+    for a, b in zip(alone, together):
+        assert abs(a["train/loss"] - b["train/loss"]) <= 2e-2 * abs(a["train/loss"]), (a, b)
+    for state in states:  # parameters and their optimizer stay fp32
+        assert all(p.dtype == torch.float32 for p in state.model.parameters())
 
 
 def test_packed_batch_norm_bypasses_cudnn(monkeypatch):

@@ -60,6 +60,19 @@ def test_hash_excludes_seed_and_name_but_not_science():
     assert spec_hash(base) == spec_hash(SPECS["kl_cyclical"])  # stable across calls
 
 
+def test_precision_changes_the_hash_only_when_not_the_default():
+    """train.precision arrived after runs were stored: fp32 specs keep the hashes they had
+    before it (measured on the commit before the key), so studies still find their runs;
+    bf16 is another computation and gets its own hash."""
+    base = SPECS["kl_cyclical"]
+    assert base.train.precision == "fp32"
+    assert spec_hash(base) == "af3cd956cb83"
+    assert spec_hash(apply_profile(base, "cpu")) == "ed1c977bb5f8"
+    bf16 = apply_overrides(base, {"train.precision": "bf16"})
+    assert bf16.train.precision == "bf16" and spec_hash(bf16) != spec_hash(base)
+    assert flatten(bf16)["train.precision"] == "bf16"
+
+
 def test_json_round_trip_and_flatten():
     for spec in SPECS.values():
         assert from_json(to_json(spec)) == spec
@@ -77,6 +90,7 @@ def test_json_round_trip_and_flatten():
     ("train.epochs", "0", "train.epochs=0 must be >= 1"),
     ("teacher_forcing.ratio", "2", "must be in [0, 1]"),
     ("optim.kind", "sgd", "choose one of: adam, adamw"),
+    ("train.precision", "fp16", "choose one of: fp32, bf16"),
     ("train.epochs", "ten", "is not an integer"),
     ("optim.lr", "fast", "is not a number"),
     ("optim.lrr", "1", "unknown key 'optim.lrr'; valid keys:"),
