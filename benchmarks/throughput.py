@@ -9,9 +9,11 @@
     files with PIL on every epoch, batch 2, fp32, NCHW, a Python loop over time steps calling
     the encoders per step, one optimizer step per batch, gradient clipping at 1.0;
 (b) runner: one run through ``cvae.train.train_epoch`` (uint8 clips decoded once, the
-    project's rollout: label encoder over all T at once, ground-truth frames encoded at
-    once), model in channels_last;
+    project's rollout: encoders, posterior and z once over all frames, only the
+    autoregressive chain per step), model in channels_last;
 (c) packed: K members through ``cvae.packed.PackedTrainer`` (one vmapped computation).
+``--bf16`` adds (b) and (c) with ``precision="bf16"`` (the training forward under bf16
+autocast, as ``train.precision`` does in a spec) and their val PSNR after the timed steps.
 
 One frame step = one predicted frame of one member, forward + backward. Model FLOPs per frame
 step = 3 (forward + 2x backward) x 2 x MACs, with MACs counted from the convolution shapes:
