@@ -143,15 +143,15 @@ def rollout(
     steps = T - 1
     # The label encoder sees all T labels, as it always has (its BatchNorm batch statistics).
     label_features = model.label_encoder(labels.flatten(0, 1)).unflatten(0, (B, T))[:, 1:]
-    labels_flat = label_features.flatten(0, 1)  # (B*S, L, H, W)
+    label_features_flat = label_features.flatten(0, 1)  # (B*S, L, H, W)
     mu, logvar = model.posterior_from_features(model.frame_encoder(frames[:, 1:].flatten(0, 1)),
-                                               labels_flat)  # (B*S, N, H, W) each
+                                               label_features_flat)  # (B*S, N, H, W) each
     z = reparameterize(mu, logvar, eps.flatten(0, 1))
 
     mixed = isinstance(teacher_forcing, torch.Tensor)
     if not mixed and teacher_forcing:
         prev_features = _encode_prev(model, frames[:, :-1].flatten(0, 1), detach_prev)
-        predictions = activate(model.decode_from_features(prev_features, labels_flat, z))
+        predictions = activate(model.decode_from_features(prev_features, label_features_flat, z))
         predictions = predictions.unflatten(0, (B, steps))
     else:
         z = z.unflatten(0, (B, steps))
@@ -175,7 +175,7 @@ def rollout(
     if model.prior_head is None:
         kl = kl_standard_normal(mu, logvar, per_step=True)
     else:
-        prior = model.prior_from_features(prev_features, labels_flat)
+        prior = model.prior_from_features(prev_features, label_features_flat)
         kl = kl_gaussians(mu, logvar, *(p.unflatten(0, (B, steps)).to(dtype) for p in prior),
                           per_step=True)
     return Rollout(predictions, mse, kl)
