@@ -3,15 +3,21 @@
     python -m benchmarks.throughput [--device cpu|cuda] [--profile smoke|cpu|full]
         [--members K] [--steps N] [--out FILE.json] [--bf16] [--compile]
         [--teacher-forcing on|off] [--workers W] [--threads N] [--kernels]
-        [--cudnn-benchmark]
+        [--cudnn-benchmark] [--packed-convs grouped,matmul_1x1,matmul] [--concurrent]
 
 (a) reference: the course template's way: a DataLoader whose Dataset opens and resizes PNG
     files with PIL on every epoch, batch 2, fp32, NCHW, a Python loop over time steps calling
     the encoders per step, one optimizer step per batch, gradient clipping at 1.0;
 (b) runner: one run through ``cvae.train.train_epoch`` (uint8 clips decoded once, the
     project's rollout: encoders, posterior and z once over all frames, only the
-    autoregressive chain per step), model in channels_last;
-(c) packed: K members through ``cvae.packed.PackedTrainer`` (one vmapped computation).
+    autoregressive chain per step), model in channels_last; on CUDA, as in the runner, each
+    step's forward and backward replay as one CUDA graph (``cvae.train.StepGraphs``);
+(c) packed: K members through ``cvae.packed.PackedTrainer`` (one vmapped computation, a CUDA
+    graph on CUDA), one row per ``--packed-convs`` form of the members' dense convolutions
+    (grouped convolutions, or batched GEMMs for the 1x1 ones or for all).
+On CUDA the graphed paths keep their graphs' memory, so each is timed alone after the rounds;
+the rounds time (a) next to the eager (no graph) forms of (b) and (c).
+``--concurrent`` (CUDA) adds (e): K single runs replaying their graphs on K CUDA streams.
 ``--bf16`` adds (b) and (c) with ``precision="bf16"`` (the training forward under bf16
 autocast, as ``train.precision`` does in a spec) and their val PSNR after the timed steps.
 
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import tempfile
@@ -53,9 +60,17 @@ from torchvision import transforms
 
 from cvae.losses import kl_standard_normal, reconstruction_mse
 from cvae.model import VideoCVAE, reparameterize
-from cvae.packed import PackedTrainer
+from cvae.packed import CONV_IMPLS, PackedTrainer, resolve_convolutions
 from cvae.schedules import ConstantKL, CyclicalKL, MonotonicKL, TeacherForcing
-from cvae.train import FitConfig, Hooks, evaluate, new_fit_state, train_epoch
+from cvae.train import (
+    FitConfig,
+    Hooks,
+    _train_step_tensors,
+    evaluate,
+    new_fit_state,
+    step_graphs,
+    train_epoch,
+)
 
 
 @dataclass(frozen=True)
@@ -317,6 +332,36 @@ def packed_stepper(trainer: PackedTrainer, clips: torch.Tensor,
     return step
 
 
+def streams_stepper(states: list, configs: list[FitConfig], clips: torch.Tensor,
+                    labels: torch.Tensor, *, teacher_forcing: bool) -> Stepper:
+    """(e): K single runs, each replaying its CUDA-graphed training step (``cvae.train``'s)
+    on its own CUDA stream, so that kernels of different members may run at once; no host
+    sync in a round. The alternative to packing them into one vmapped graph."""
+    device = clips.device
+    streams = [torch.cuda.Stream(device) for _ in states]
+    data = _one_batch_epochs(clips, labels, configs[0].batch_size)
+    for state, config in zip(states, configs):
+        state.graphs = step_graphs(state.model, detach_prev=config.detach_prev,
+                                   precision=config.precision)
+
+    def step() -> None:
+        frames, frame_labels = next(data)
+        main = torch.cuda.current_stream(device)
+        for state, config, stream in zip(states, configs, streams):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                _train_step_tensors(state.model, state.optimizer, frames, frame_labels,
+                                    beta=1.0, teacher_forcing=teacher_forcing,
+                                    grad_clip=config.grad_clip,
+                                    generator=state.noise_generator,
+                                    detach_prev=config.detach_prev, precision=config.precision,
+                                    graphs=state.graphs)
+        for stream in streams:
+            main.wait_stream(stream)
+
+    return step
+
+
 def compile_model(model: VideoCVAE) -> None:
     """torch.compile each module the rollout calls (in place: state_dict keys unchanged).
     The modules share code (every ``nn.Sequential``, every residual block) and run at two
@@ -400,8 +445,40 @@ def _rate(frame_steps: int, seconds: float, flops_per_step: float, peak: float |
             "mfu": achieved / peak if peak else None}
 
 
+def path_label(key: str, members: int, *, short: bool = False) -> str:
+    """The table's name for a path key: reference, runner[_bf16], packed[_IMPL][_bf16] (IMPL
+    a ``cvae.packed`` convolution form other than grouped), streams_graph; "_eager" at the
+    end: the same without CUDA graphs."""
+    eager = key.endswith("_eager")
+    key = key.removesuffix("_eager")
+    bf16 = key.endswith("_bf16")
+    base = key.removesuffix("_bf16")
+    if base == "reference":
+        short_name, long_name = "(a)", "(a) reference: template loop, PIL, NCHW"
+    elif base == "runner":
+        short_name, long_name = "(b)", "(b) runner: cvae.train, 1 run, channels_last"
+    elif base.startswith("packed"):
+        impl = base.removeprefix("packed").removeprefix("_") or "grouped"
+        short_name = "(c)" if impl == "grouped" else f"(c) {impl}"
+        long_name = (f"(c) packed: {members} members, channels_last" if impl == "grouped"
+                     else f"(c) packed: {members} members, convs {impl}")
+    elif base == "streams_graph":
+        short_name, long_name = "(e)", f"(e) {members} graphed single runs, {members} streams"
+    else:
+        short_name = long_name = base
+    if bf16:
+        short_name += " bf16"
+        long_name = (long_name.replace("channels_last", "bf16") if "channels_last" in long_name
+                     else long_name + ", bf16")
+    if eager:
+        short_name += " eager"
+        long_name = long_name.replace(", channels_last", "") + ", eager (no CUDA graph)"
+    return short_name if short else long_name
+
+
 def _table(result: dict[str, Any]) -> str:
     dims = result["dims"]
+    members = result["members"]
     lines = [
         (f"device {result['device']} ({result['device_name']}, {result['threads']} threads, "
          f"load {result['load_average']:.1f}); torch {result['torch']}"),
@@ -415,39 +492,29 @@ def _table(result: dict[str, Any]) -> str:
         f"peak: {result['peak_basis']}"
         + ("; cuDNN benchmark mode on" if result.get("cudnn_benchmark") else ""),
         "",
-        f"{'path':<44}{'frame-steps/s':>14}{'x (a)':>8}{'GFLOP/s':>10}{'MFU':>8}",
+        f"{'path':<48}{'frame-steps/s':>14}{'x (a)':>8}{'GFLOP/s':>10}{'MFU':>8}",
     ]
-    for key, label in (("reference", "(a) reference: template loop, PIL, NCHW"),
-                       ("runner", "(b) runner: cvae.train, 1 run, channels_last"),
-                       ("packed", f"(c) packed: {result['members']} members, channels_last"),
-                       ("runner_bf16", "(b) runner, bf16 autocast"),
-                       ("packed_bf16", f"(c) packed: {result['members']} members, bf16")):
-        if key in result["paths"]:
-            p = result["paths"][key]
-            mfu = f"{p['mfu']:.1%}" if p["mfu"] is not None else "-"
-            lines.append(f"{label:<44}{p['frame_steps_per_s']:>14.2f}"
-                         f"{p['speedup_vs_reference']:>8.2f}{p['gflops_per_s']:>10.1f}{mfu:>8}")
-    labels = {"reference": "(a)", "runner": "(b)", "packed": "(c)", "runner_bf16": "(b) bf16",
-              "packed_bf16": "(c) bf16"}
+    for key, p in result["paths"].items():
+        label = path_label(key, members)
+        mfu = f"{p['mfu']:.1%}" if p["mfu"] is not None else "-"
+        lines.append(f"{label:<48}{p['frame_steps_per_s']:>14.2f}"
+                     f"{p['speedup_vs_reference']:>8.2f}{p['gflops_per_s']:>10.1f}{mfu:>8}")
+    for key, p in result.get("failed_paths", {}).items():
+        lines.append(f"{path_label(key, members):<48}  failed: {p}")
     for key, p in result["paths"].items():
         if "step_gb" in p:
-            lines.append(f"{labels[key]} memory: {p['step_gb']:.2f} GB allocated by one step "
-                         f"({p['step_gb_per_member']:.2f} GB per member)")
+            what = ("at most, from the build on (graph pool, warm-up)"
+                    if key in result.get("isolated", ()) else "allocated by one step")
+            lines.append(f"{path_label(key, members, short=True)} memory: {p['step_gb']:.2f} GB "
+                         f"{what} ({p['step_gb_per_member']:.2f} GB per member)")
     for key, p in result["paths"].items():
         if "profile" in p:
-            prof = p["profile"]
-            if "busy" in prof:
-                lines.append(f"{labels[key]} profile: {prof['launches']} kernels per step, "
-                             f"{prof['device_seconds'] * 1e3:.1f} ms of GPU time in a "
-                             f"{prof['step_seconds'] * 1e3:.1f} ms step (GPU busy "
-                             f"{prof['busy']:.0%})")
-            else:
-                lines.append(f"{labels[key]} profile: {prof['kind']}")
-            for entry in prof["top"]:
-                lines.append(f"    {entry['share']:>6.1%}  {entry['name']}")
-    packed, runner = result["paths"]["packed"], result["paths"]["runner"]
-    lines.append(f"packed vs {result['members']} single runs one after another: "
-                 f"{packed['frame_steps_per_s'] / runner['frame_steps_per_s']:.2f}x")
+            lines += _profile_lines(key, p["profile"], members)
+    runner = result["paths"]["runner"]
+    for key, p in result["paths"].items():
+        if key.startswith(("packed", "streams")) and not key.endswith("_bf16"):
+            lines.append(f"{path_label(key, members, short=True)} vs {members} single runs one "
+                         f"after another: {p['frame_steps_per_s'] / runner['frame_steps_per_s']:.2f}x")
     ev = result["eval"]
     lines.append(f"evaluation: {ev['frames']}-frame rollout (cvae.train.evaluate): "
                  f"{ev['frames_per_s']:.1f} frames/s, {ev['gflops_per_s']:.1f} GFLOP/s")
@@ -457,6 +524,30 @@ def _table(result: dict[str, Any]) -> str:
                      f"PSNR (prior mean, {q['frames']} frames) fp32 {q['val_psnr_fp32']:.3f} dB, "
                      f"bf16 {q['val_psnr_bf16']:.3f} dB")
     return "\n".join(lines)
+
+
+def _profile_lines(key: str, prof: dict[str, Any], members: int) -> list[str]:
+    short = path_label(key, members, short=True)
+    if "busy" in prof:
+        lines = [(f"{short} profile: {prof['launches']} kernels per step, "
+                 f"{prof['device_seconds'] * 1e3:.1f} ms of GPU time in a "
+                 f"{prof['step_seconds'] * 1e3:.1f} ms step (GPU busy {prof['busy']:.0%})")]
+    else:
+        lines = [f"{short} profile: {prof['kind']}"]
+    return lines + [f"    {entry['share']:>6.1%}  {entry['name']}" for entry in prof["top"]]
+
+
+def _print_profile(key: str, prof: dict[str, Any], members: int) -> None:
+    print("\n".join(_profile_lines(key, prof, members)), flush=True)
+
+
+def _print_rates(seconds: dict[str, float], steps: int, members: int, frames: int) -> None:
+    """Frame-steps/s as soon as they are measured (the table comes at the end; a run cut
+    short by a time limit keeps these lines)."""
+    for name, total in seconds.items():
+        count = members if name.startswith(("packed", "streams")) else 1
+        print(f"timed: {path_label(name, members)}: {steps * count * frames / total:.2f} "
+              "frame-steps/s", flush=True)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -486,62 +577,131 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         flops_per_step = 3 * 2 * macs["train"]
         config = _member_config(0, profile=profile, teacher_forcing=teacher_forcing)
 
-        def single(precision: str):
+        def single(precision: str, graphs: bool = True):
             model = copy.deepcopy(initial).to(device, memory_format=torch.channels_last)
             if args.compile:
                 compile_model(model)
-            member = replace(config, precision=precision)
+            member = replace(config, precision=precision, cuda_graphs=graphs)
             state = new_fit_state(model, member, seed=0)
             return state, runner_stepper(state, member, clips, labels)
 
-        def packed(precision: str) -> Stepper:
+        def member_states(precision: str = "fp32", graphs: bool = True):
             states, configs = [], []
             for k in range(args.members):
                 torch.manual_seed(k)
                 model = VideoCVAE(**dims).to(device, memory_format=torch.channels_last)
                 member = replace(_member_config(k, profile=profile,
                                                 teacher_forcing=teacher_forcing),
-                                 precision=precision)
+                                 precision=precision, cuda_graphs=graphs)
                 states.append(new_fit_state(model, member, seed=k))
                 configs.append(member)
-            return packed_stepper(PackedTrainer(states, configs), clips, labels)
+            return states, configs
 
+        def packed(precision: str, convolutions: str = "grouped", graphs: bool = True):
+            trainer = PackedTrainer(*member_states(precision, graphs), convolutions=convolutions)
+            return packed_stepper(trainer, clips, labels)
+
+        def packed_key(impl: str, precision: str = "fp32") -> str:
+            return ("packed" + ("" if impl == "grouped" else f"_{impl}")
+                    + ("_bf16" if precision == "bf16" else ""))
+
+        # What the runner does: on CUDA, CUDA graphs of every step; those paths keep their
+        # graphs' memory, so each is timed alone after the rounds (the rounds time the eager
+        # forms next to the reference). On a CPU everything goes in the rounds.
+        cuda = device.type == "cuda"
+        impls = tuple(dict.fromkeys(resolve_convolutions(impl, device)
+                                    for impl in args.packed_convs))
         state_fp32, runner = single("fp32")
-        steppers = {
+        state_bf16 = None
+        builders: dict[str, Callable[[], Stepper]] = {"runner": lambda: runner}
+        for impl in impls:
+            builders[packed_key(impl)] = lambda impl=impl: packed("fp32", impl)
+        if args.bf16:
+            def runner_bf16() -> Stepper:
+                nonlocal state_bf16
+                state_bf16, stepper = single("bf16")
+                return stepper
+
+            builders["runner_bf16"] = runner_bf16
+            for impl in impls:
+                builders[packed_key(impl, "bf16")] = lambda impl=impl: packed("bf16", impl)
+        if args.concurrent:
+            builders["streams_graph"] = lambda: streams_stepper(
+                *member_states(), clips, labels, teacher_forcing=teacher_forcing)
+        steppers: dict[str, Stepper] = {
             "reference": reference_stepper(copy.deepcopy(initial).to(device), dataset,
                                            device=device, batch_size=B,
                                            teacher_forcing=teacher_forcing,
                                            workers=args.workers),
-            "runner": runner,
-            "packed": packed("fp32"),
         }
-        if args.bf16:
-            state_bf16, steppers["runner_bf16"] = single("bf16")
-            steppers["packed_bf16"] = packed("bf16")
+        if cuda:
+            steppers["runner_eager"] = single("fp32", graphs=False)[1]
+            steppers[packed_key(impls[0]) + "_eager"] = packed("fp32", impls[0], graphs=False)
+        else:
+            steppers.update((name, build()) for name, build in builders.items())
+            builders = {}
 
         # Timed in rounds, one step of every path per round, so that a change in the load
         # of a shared machine falls on all paths alike.
+        failed: dict[str, str] = {}  # paths that could not run here (out of memory)
         for _ in range(profile.warmup):
-            for stepper in steppers.values():
-                stepper()
+            for name, stepper in list(steppers.items()):
+                try:
+                    stepper()
+                except torch.cuda.OutOfMemoryError as error:
+                    failed[name] = f"out of memory: {str(error).splitlines()[0][:120]}"
+                    print(f"{name}: {failed[name]}", flush=True)
+                    del steppers[name], stepper
+                    torch.cuda.empty_cache()
         seconds = dict.fromkeys(steppers, 0.0)
         step_bytes = dict.fromkeys(steppers, 0)  # CUDA: most memory one step took on top
         for _ in range(steps):
             for name, stepper in steppers.items():
-                if device.type == "cuda":
+                if cuda:
                     before = torch.cuda.memory_allocated(device)
                     torch.cuda.reset_peak_memory_stats(device)
                 seconds[name] += _timed(device, stepper)
-                if device.type == "cuda":
+                if cuda:
                     step_bytes[name] = max(step_bytes[name],
                                            torch.cuda.max_memory_allocated(device) - before)
-        profiles = ({name: kernel_profile(device, stepper, seconds[name] / steps)
-                     for name, stepper in steppers.items()} if args.kernels else {})
+        _print_rates(seconds, steps, args.members, B * (T - 1))
+        profiles: dict[str, Any] = {}
+        for name, stepper in steppers.items() if args.kernels else ():
+            profiles[name] = kernel_profile(device, stepper, seconds[name] / steps)
+            _print_profile(name, profiles[name], args.members)
+        steppers = {}  # the eager paths' memory goes back before the graphed ones
+
+        # CUDA: the graphed paths, each alone on the GPU.
+        isolated = list(builders)
+        for name, build in builders.items():
+            gc.collect()  # what the last path left (cycles included) goes back before this one
+            torch.cuda.empty_cache()
+            stepper = None
+            try:
+                # Memory: the peak from before the build on, graph pools and the eager
+                # warm-up included (a graph keeps its step's memory between replays).
+                before = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                stepper = build()
+                for _ in range(profile.warmup):  # the first two: eager warm-up, capture
+                    stepper()
+                total = sum(_timed(device, stepper) for _ in range(steps))
+                step_bytes[name] = torch.cuda.max_memory_allocated(device) - before
+                seconds[name] = total
+                _print_rates({name: total}, steps, args.members, B * (T - 1))
+                if args.kernels:
+                    profiles[name] = kernel_profile(device, stepper, total / steps)
+                    _print_profile(name, profiles[name], args.members)
+            except torch.cuda.OutOfMemoryError as error:
+                failed[name] = f"out of memory: {str(error).splitlines()[0][:120]}"
+                print(f"{name}: {failed[name]}", flush=True)
+            finally:
+                stepper = None
 
         paths: dict[str, dict[str, Any]] = {}
         reference_rate = None
         for name, total in seconds.items():
-            members = args.members if name.startswith("packed") else 1
+            members = args.members if name.startswith(("packed", "streams")) else 1
             peak = peaks.get("bf16" if name.endswith("bf16") else "fp32")
             paths[name] = _rate(steps * members * B * (T - 1), total, flops_per_step, peak,
                                 reference_rate)
@@ -598,7 +758,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "eval_macs_per_frame": macs["eval"],
         "peak_flops": peaks,
         "peak_basis": peak_basis,
+        "packed_convs": list(args.packed_convs),
+        "isolated": isolated,
+        "concurrent": args.concurrent,
         "paths": paths,
+        "failed_paths": failed,
         "eval": eval_result,
         **extra,
     }
@@ -613,6 +777,15 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return "cpu"
+
+
+def _convs_list(text: str) -> tuple[str, ...]:
+    impls = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [impl for impl in impls if impl not in CONV_IMPLS]
+    if unknown or not impls:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(unknown) or 'nothing'}: choose from {', '.join(CONV_IMPLS)}")
+    return impls
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -634,6 +807,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "on an H100 it had not finished the warm-up of a 15-member pack "
                              "after 200 s, and once failed with "
                              "CUDNN_STATUS_EXECUTION_FAILED_CUDART)")
+    parser.add_argument("--packed-convs", type=_convs_list, default=("auto",),
+                        metavar="IMPL[,IMPL]",
+                        help="how the packed path runs the members' dense convolutions, one "
+                             f"(c) row each: {', '.join(CONV_IMPLS)} (default auto, as the "
+                             "runner: matmul_1x1 on CUDA, grouped on a CPU)")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="CUDA: also time (e), K single runs replaying their CUDA graphs "
+                             "on K streams")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the runner path's modules")
     parser.add_argument("--teacher-forcing", choices=("on", "off"), default="off",
@@ -645,6 +826,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
+    if args.concurrent and args.device != "cuda":
+        parser.error("--concurrent times CUDA streams: it needs --device cuda")
     if args.members < 1 or (args.steps is not None and args.steps < 1):
         parser.error("--members and --steps must be >= 1")
     if args.threads is not None:

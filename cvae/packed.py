@@ -34,10 +34,12 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.nn import functional as F
 
 from cvae.model import VideoCVAE
 from cvae.schedules import kl_beta
@@ -46,9 +48,11 @@ from cvae.train import (
     FitState,
     Hooks,
     NonFiniteLossError,
+    StepGraphs,
     _draw,
     autocast,
     autocast_dtype,
+    cuda_graphs_wanted,
     draw_eps,
     finish_epoch,
     lr_factor,
@@ -133,6 +137,70 @@ class _NativeBatchNorm2d(nn.BatchNorm2d):
             torch.backends.cudnn.enabled = enabled
 
 
+class _PointwiseConv2d(nn.Conv2d):
+    """A 1x1 convolution as a matrix product over channels. Under vmap a convolution over
+    stacked weights becomes one grouped convolution (groups = K); this becomes one batched
+    GEMM over the members instead. Same parameters, same result."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.matmul(x.movedim(1, -1), self.weight.flatten(1).t())  # (B, H, W, O)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.movedim(-1, 1)
+
+
+class _UnfoldConv2d(nn.Conv2d):
+    """A dense k x k convolution as im2col (``F.unfold``) and a matrix product: under vmap,
+    a batched GEMM over the members instead of a grouped convolution. Costs k*k times the
+    input's memory for the columns. Zero padding only (the model pads reflectively with its
+    own layer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
+                                                  self.dilation)
+        out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding,
+                        stride=self.stride)  # (B, C*kh*kw, L)
+        out = torch.matmul(self.weight.flatten(1), cols)  # (B, O, L)
+        if self.bias is not None:
+            out = out + self.bias[:, None]
+        return out.unflatten(-1, (out_h, out_w))
+
+
+ConvImpl = Literal["auto", "grouped", "matmul_1x1", "matmul"]
+CONV_IMPLS: tuple[str, ...] = ("auto", "grouped", "matmul_1x1", "matmul")
+
+
+def resolve_convolutions(impl: str, device: torch.device) -> str:
+    """"auto": what measured fastest on the device type. H100 (15 lab-size members, eager):
+    1x1 convolutions as batched GEMMs 1.36x grouped convolutions in fp32 (509 vs 373
+    frame-steps/s), 1.66x in bf16; this 2-core CPU (2 members): grouped 5.30 vs 4.96."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"convolutions={impl!r}; choose one of {CONV_IMPLS}")
+    if impl == "auto":
+        return "matmul_1x1" if device.type == "cuda" else "grouped"
+    return impl
+
+
+def _swap_convolutions(model: nn.Module, impl: str) -> None:
+    """Re-class the dense convolutions of the shell model for ``impl``: "grouped" keeps
+    ``nn.Conv2d`` (vmap makes grouped convolutions), "matmul_1x1" turns 1x1 convolutions into
+    batched GEMMs, "matmul" every dense one (1x1 and k x k). Depthwise convolutions stay."""
+    if impl not in CONV_IMPLS[1:]:
+        raise ValueError(f"convolutions={impl!r}; choose one of {CONV_IMPLS[1:]}")
+    for module in model.modules():
+        if type(module) is not nn.Conv2d or module.groups != 1 or impl == "grouped":
+            continue
+        if module.padding_mode != "zeros":
+            continue
+        if module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0):
+            module.__class__ = _PointwiseConv2d
+        elif impl == "matmul":
+            module.__class__ = _UnfoldConv2d
+
+
 class _MemberRollout(nn.Module):
     """Shell whose ``forward`` is ``cvae.train.rollout`` + ``rollout_loss`` for ONE member;
     ``functional_call`` swaps in that member's parameters and buffers. The rollout is the
@@ -140,12 +208,13 @@ class _MemberRollout(nn.Module):
     masks (``torch.where``) when members differ in them.
     """
 
-    def __init__(self, model: VideoCVAE):
+    def __init__(self, model: VideoCVAE, convolutions: str = "grouped"):
         super().__init__()
         self.model = copy.deepcopy(model).to("meta")  # structure only: tensors come per call
         for module in self.model.modules():
             if type(module) is nn.BatchNorm2d:
                 module.__class__ = _NativeBatchNorm2d
+        _swap_convolutions(self.model, convolutions)
 
     def forward(
         self,
@@ -183,6 +252,45 @@ def _mode(flags: Sequence[bool], *, yes: str, no: str) -> str:
     return yes if all(flags) else no if not any(flags) else "mixed"
 
 
+class _PackedForwardBackward:
+    """The vmapped forward of every member and the gradients of each member's loss: what a
+    CUDA graph captures (``StepGraphs``). ``params``: each member's parameter list;
+    ``buffers``: the stacked BatchNorm buffers (the trainer keeps both the same tensors for
+    its whole life). A separate object, not a trainer method, so that the trainer and its
+    graphs hold no reference cycle and a dropped trainer frees its graphs' memory at once."""
+
+    def __init__(self, shell: _MemberRollout, params: list[list[nn.Parameter]],
+                 buffers: dict[str, torch.Tensor], *, activation: str, detach_prev: bool,
+                 autocast_dtype: torch.dtype | None, autocast_cache: bool):
+        self.shell, self.params, self.buffers = shell, params, buffers
+        self.names = [name for name, _ in shell.model.named_parameters()]
+        self.activation, self.detach_prev = activation, detach_prev
+        self.autocast_dtype, self.autocast_cache = autocast_dtype, autocast_cache
+
+    def __call__(self, key: tuple, frames: torch.Tensor, labels: torch.Tensor,
+                 eps: torch.Tensor, beta: torch.Tensor, teacher_forcing: torch.Tensor,
+                 sigmoid: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """Returns (K, 3) detached values and the gradients, member by member, parameter by
+        parameter; ``key[-1]`` is the teacher-forcing mode (all, none, mixed)."""
+        # (K, ...) per parameter; differentiable, so each member's gradient reaches its own.
+        params = {f"model.{name}": _stack([member[i] for member in self.params])
+                  for i, name in enumerate(self.names)}
+        options = {"teacher_mode": key[-1], "detach_prev": self.detach_prev,
+                   "activation": self.activation}
+
+        def member(p, b, *args):
+            return functional_call(self.shell, (p, b), args, options)
+
+        # The forward only; no weight cache under graphs (it cannot outlive a replay).
+        with autocast(frames.device, self.autocast_dtype, cache=self.autocast_cache):
+            values = vmap(member)(params, self.buffers, frames, labels, eps, beta,
+                                  teacher_forcing, sigmoid)  # (K, 3): loss, mse, kl
+        flat = [param for member_params in self.params for param in member_params]
+        # Members are independent: d(sum of losses)/d theta_k = d loss_k / d theta_k.
+        grads = torch.autograd.grad(values[:, 0].sum(), flat, allow_unused=True)
+        return values.detach(), grads
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
@@ -193,16 +301,40 @@ class PackedTrainer:
     the device, in any memory format, all the same architecture); ``configs``: one
     ``FitConfig`` each. Members whose configs say ``precision="bf16"`` run the forward under
     bf16 autocast, as ``cvae.train`` does for a single run.
+
+    ``convolutions`` says how the members' dense convolutions run together: "grouped" (vmap's
+    own rule: one grouped convolution, groups = K), "matmul_1x1" (1x1 convolutions as one
+    batched GEMM) or "matmul" (every dense convolution as im2col + batched GEMM); "auto"
+    (default): matmul_1x1 on CUDA, grouped elsewhere (``resolve_convolutions``). The same
+    arithmetic either way; which is fastest depends on the device (``benchmarks.throughput
+    --packed-convs``).
+
+    On CUDA (unless a config says ``cuda_graphs=False``) each step's vmapped forward and
+    backward replay as a CUDA graph (``cvae.train.StepGraphs``).
     """
 
-    def __init__(self, states: Sequence[FitState], configs: Sequence[FitConfig]):
+    def __init__(self, states: Sequence[FitState], configs: Sequence[FitConfig], *,
+                 convolutions: ConvImpl = "auto"):
         problems = packing_problems(states, configs)
         if problems:
             raise ValueError("members cannot be packed: " + "; ".join(problems))
         self.states, self.configs = list(states), list(configs)
         self.autocast_dtype = autocast_dtype(self.configs[0].precision)
-        self._shell = _MemberRollout(self.states[0].model)
+        self.convolutions = resolve_convolutions(convolutions, self.device)
         self._sigmoid = [s.model.output_activation == "sigmoid" for s in self.states]
+        # The same tensors every step (a CUDA graph reads and writes these very ones): member
+        # parameters, and BatchNorm buffers stacked (K, ...) once, refreshed every epoch.
+        self._params = [list(state.model.parameters()) for state in self.states]
+        self._buffers = {f"model.{name}": torch.stack([s.model.get_buffer(name)
+                                                       for s in self.states])
+                         for name, _ in self.states[0].model.named_buffers()}
+        wanted = all(cuda_graphs_wanted(config, self.device) for config in self.configs)
+        self._forward = _PackedForwardBackward(
+            _MemberRollout(self.states[0].model, self.convolutions), self._params, self._buffers,
+            activation=_mode(self._sigmoid, yes="sigmoid", no="identity"),
+            detach_prev=self.configs[0].detach_prev, autocast_dtype=self.autocast_dtype,
+            autocast_cache=not wanted)
+        self.graphs = StepGraphs(self._forward) if wanted else None
 
     @property
     def size(self) -> int:
@@ -236,7 +368,7 @@ class PackedTrainer:
         batch_size = configs[0].batch_size
         if hooks is not None and len(hooks) != K:
             raise ValueError(f"{len(hooks)} hooks for {K} members")
-        self._shell.train()  # the shell's BatchNorm mode is the one vmap runs
+        self._forward.shell.train()  # the shell's BatchNorm mode is the one vmap runs
 
         # Host-side schedule of the whole epoch, drawn in train_epoch's order per member.
         lrs, tf_ratios, orders, use_tf, betas = [], [], [], [], []
@@ -263,20 +395,19 @@ class PackedTrainer:
         beta_all = torch.tensor(betas, dtype=dtype).T.contiguous().to(device)  # (n, K)
         tf_all = torch.tensor(use_tf).T.contiguous().to(device)  # (n, K)
         sigmoid = torch.tensor(self._sigmoid, device=device)  # (K,)
-        buffers = self._stack_buffers()
-        member_params = [dict(state.model.named_parameters()) for state in states]
+        self._refresh_buffers()
 
         totals = torch.zeros(K, 3, device=device, dtype=torch.float64)
         for index, batch in enumerate(order.split(batch_size, dim=1)):  # batch: (K, b)
             values = self._step(
                 clips[batch].to(device, non_blocking=True),
                 clip_labels[batch].to(device, non_blocking=True),
-                member_params, buffers, beta=beta_all[index], teacher_forcing=tf_all[index],
+                beta=beta_all[index], teacher_forcing=tf_all[index],
                 sigmoid=sigmoid, teacher_flags=[flags[index] for flags in use_tf])
             totals += values.double()
             for hook in hooks or ():
                 hook.on_batch(epoch, index, batches_per_epoch)
-        self._write_back_buffers(buffers)
+        self._write_back_buffers()
 
         means = (totals / batches_per_epoch).tolist()  # one host sync per epoch
         metrics = [{"train/loss": loss, "train/mse": mse, "train/kl": kl,
@@ -290,53 +421,44 @@ class PackedTrainer:
         return metrics
 
     # -- one batched step ------------------------------------------------------------------
-    def _step(self, frames: torch.Tensor, labels: torch.Tensor,
-              member_params: list[dict[str, nn.Parameter]],
-              buffers: dict[str, torch.Tensor], *, beta: torch.Tensor,
+    def _step(self, frames: torch.Tensor, labels: torch.Tensor, *, beta: torch.Tensor,
               teacher_forcing: torch.Tensor, sigmoid: torch.Tensor,
               teacher_flags: list[bool]) -> torch.Tensor:
-        """frames, labels: (K, B, T, 3, H, W) uint8. One forward for all members, one
-        backward, then each member clips and steps its own optimizer. Returns (K, 3)."""
+        """frames, labels: (K, B, T, 3, H, W) uint8. One forward and backward for all members
+        (replayed as a CUDA graph on CUDA), then each member clips and steps its own
+        optimizer. Returns (K, 3)."""
         states, configs = self.states, self.configs
         _, B, T, _, H, W = frames.shape  # (K, B, T, 3, H, W)
-        # (K, ...) per parameter; differentiable, so backward fills each member's .grad.
-        params = {f"model.{name}": _stack([p[name] for p in member_params])
-                  for name in member_params[0]}
         # eps exactly as alone: T-1 draws of (B, N, H, W) from each member's noise generator.
         shape = (B, states[0].model.latent_dim, H, W)
         dtype = next(states[0].model.parameters()).dtype
         eps = torch.stack([draw_eps(s.noise_generator, shape, T - 1, device=frames.device,
                                     dtype=dtype) for s in states])  # (K, B, T-1, N, H, W)
-        options = {
-            "teacher_mode": _mode(teacher_flags, yes="all", no="none"),
-            "activation": _mode(self._sigmoid, yes="sigmoid", no="identity"),
-            "detach_prev": configs[0].detach_prev,
-        }
-
-        def member(p, b, *args):
-            return functional_call(self._shell, (p, b), args, options)
-
-        with autocast(frames.device, self.autocast_dtype):  # the forward only
-            values = vmap(member)(params, buffers, frames, labels, eps, beta, teacher_forcing,
-                                  sigmoid)  # (K, 3): loss, mse, kl per member
-
-        for state in states:
-            state.optimizer.zero_grad(set_to_none=True)
-        values[:, 0].sum().backward()  # members are independent: each gets d loss_k / d theta_k
-        for state, config in zip(states, configs):
+        key = (B, T, H, W, _mode(teacher_flags, yes="all", no="none"))
+        step = self.graphs or self._forward
+        values, grads = step(key, frames, labels, eps, beta, teacher_forcing, sigmoid)
+        grads = iter(grads)
+        for state, config, params in zip(states, configs, self._params):
+            for param in params:
+                param.grad = next(grads)  # a graph's static gradient: the next replay rewrites it
             if config.grad_clip is not None:
-                nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip)
+                nn.utils.clip_grad_norm_(params, config.grad_clip)
             state.optimizer.step()
-        return values.detach()
+        return values
 
     # -- BatchNorm buffers -----------------------------------------------------------------
-    def _stack_buffers(self) -> dict[str, torch.Tensor]:
-        return {f"model.{name}": torch.stack([s.model.get_buffer(name) for s in self.states])
-                for name, _ in self.states[0].model.named_buffers()}
-
-    def _write_back_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+    def _refresh_buffers(self) -> None:
+        """Copy each member's BatchNorm buffers into the stack (a checkpoint may have been
+        loaded into the members since the last epoch)."""
         with torch.no_grad():
-            for key, stacked in buffers.items():
+            for key, stacked in self._buffers.items():
+                name = key.removeprefix("model.")
+                for k, state in enumerate(self.states):
+                    stacked[k].copy_(state.model.get_buffer(name))
+
+    def _write_back_buffers(self) -> None:
+        with torch.no_grad():
+            for key, stacked in self._buffers.items():
                 name = key.removeprefix("model.")
                 for k, state in enumerate(self.states):
                     state.model.get_buffer(name).copy_(stacked[k])
@@ -383,7 +505,8 @@ def fit_packed(
             if not keep:
                 break
             trainer = PackedTrainer([trainer.states[k] for k in keep],
-                                    [trainer.configs[k] for k in keep])
+                                    [trainer.configs[k] for k in keep],
+                                    convolutions=trainer.convolutions)
         for state, config, hook, metrics in zip(trainer.states, trainer.configs, member_hooks,
                                                 all_metrics):
             finish_epoch(state, config, metrics, val_frames, val_labels, hook)

@@ -13,7 +13,9 @@ whose states go into checkpoints, so a resumed run continues the very same rando
 
 from __future__ import annotations
 
+import gc
 import math
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -51,9 +53,12 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else None
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """``torch.autocast`` to ``dtype`` on ``device``'s type, or nothing when dtype is None."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+def autocast(device: torch.device, dtype: torch.dtype | None, *, cache: bool = True):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or nothing when dtype is None.
+    ``cache=False`` inside CUDA graphs, which cannot keep autocast's cast weights."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -190,6 +195,120 @@ def rollout_loss(out: Rollout, beta: torch.Tensor | float) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# CUDA graphs of a training step
+# ---------------------------------------------------------------------------------------------
+class _CudaGraph:
+    """``fn(key, *inputs)`` captured as one CUDA graph (in ``pool``, shared by the graphs of
+    one ``StepGraphs``); ``replay`` reruns its kernels on the same memory and returns the same
+    output tensors, refilled."""
+
+    def __init__(self, fn: Callable[..., Any], key: Any, inputs: tuple[torch.Tensor, ...],
+                 pool: Any):
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = fn(key, *inputs)
+
+    def replay(self) -> Any:
+        self.graph.replay()
+        return self.outputs
+
+
+class _Rerun:
+    """``_CudaGraph``'s stand-in where there is no CUDA (tests): ``replay`` calls ``fn`` on the
+    static inputs again, so everything around a graph (static buffers refilled per call, one
+    graph per key, the eager first call, the optimizer outside) runs as it does on a GPU."""
+
+    def __init__(self, fn: Callable[..., Any], key: Any, inputs: tuple[torch.Tensor, ...],
+                 pool: Any):
+        self.fn, self.key, self.inputs = fn, key, inputs
+
+    def replay(self) -> Any:
+        return self.fn(self.key, *self.inputs)
+
+
+class StepGraphs:
+    """Runs ``fn(key, *inputs)`` (a training step's forward and backward: tensors in, tensors
+    out) as CUDA graphs, one per ``key`` (what changes the kernels: batch shape, teacher
+    forcing). At the lab's size a step is thousands of small kernels, and launching them one
+    by one from Python is what bounds a run on a GPU; a replay launches them all at once.
+
+    The first call with a key runs ``fn`` eagerly on a side stream (the warm-up CUDA graphs
+    need: cuDNN plans, autograd's lazy state) and its result is that step's result; the
+    second captures ``fn`` on static copies of the inputs, and every call from then on copies
+    its inputs into them and replays. The graphs share one memory pool (they never run at
+    once). Outputs are static tensors that the next replay of any of these graphs overwrites:
+    use them before the next call.
+
+    If a warm-up runs out of GPU memory (a big pack whose graph already holds a step's
+    memory, meeting a new key) or a capture fails, the graphs are dropped, their memory
+    freed, and every later call runs eagerly, with a warning: slower, not wrong. (An
+    out-of-memory in the middle of a forward may have moved BatchNorm running statistics
+    once more than eager training would.)
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, graph: type = _CudaGraph):
+        self.fn = fn
+        self.graph_type = graph
+        self.graphs: dict[Any, tuple[tuple[torch.Tensor, ...], Any]] = {}
+        self.warmed: set[Any] = set()  # keys that ran their eager warm-up
+        self.off: str | None = None  # why graphs were given up: every call eager
+        self.pool: Any = None
+
+    def __call__(self, key: Any, *inputs: torch.Tensor) -> Any:
+        if self.off is None and key not in self.graphs:
+            if key not in self.warmed:
+                self.warmed.add(key)
+                try:
+                    return self._side_stream(inputs[0].device, lambda: self.fn(key, *inputs))
+                except torch.cuda.OutOfMemoryError as error:
+                    self._give_up(f"out of GPU memory in a warm-up ({error})")
+            else:
+                self._capture(key, inputs)
+        if self.off is not None:
+            return self.fn(key, *inputs)
+        static, graph = self.graphs[key]
+        for buffer, value in zip(static, inputs):
+            buffer.copy_(value)
+        return graph.replay()
+
+    def _capture(self, key: Any, inputs: tuple[torch.Tensor, ...]) -> None:
+        static = tuple(value.clone() for value in inputs)
+        try:
+            if self.pool is None and self.graph_type is _CudaGraph:
+                self.pool = torch.cuda.graph_pool_handle()
+            self.graphs[key] = (static, self.graph_type(self.fn, key, static, self.pool))
+        except RuntimeError as error:  # out of memory, or an operation a graph cannot hold
+            self._give_up(f"capture failed ({type(error).__name__}: {error})")
+
+    def _give_up(self, why: str) -> None:
+        self.graphs.clear()
+        self.pool = None
+        self.off = why.splitlines()[0][:300]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        warnings.warn(f"CUDA graphs off for this training: {self.off}; it goes on eagerly",
+                      RuntimeWarning, stacklevel=3)
+
+    @staticmethod
+    def _side_stream(device: torch.device, work: Callable[[], Any]) -> Any:
+        if device.type != "cuda":
+            return work()
+        main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            result = work()
+        main.wait_stream(side)
+        return result
+
+
+def cuda_graphs_wanted(config: FitConfig, device: torch.device) -> bool:
+    """Whether training on ``device`` replays CUDA graphs: on CUDA, unless the config says
+    no."""
+    return config.cuda_graphs and device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
 # Optimizer, LR schedule, training step
 # ---------------------------------------------------------------------------------------------
 def make_optimizer(
@@ -242,24 +361,54 @@ def _train_step_tensors(
     generator: torch.Generator | None,
     detach_prev: bool,
     precision: str = "fp32",
+    graphs: StepGraphs | None = None,
 ) -> torch.Tensor:
     """One backward and one optimizer step; returns detached (loss, mse, kl) as a (3,) tensor.
     ``precision="bf16"``: the forward under bf16 autocast (parameters, gradients and the
-    optimizer stay fp32)."""
-    frames, labels = to_unit(frames), to_unit(labels)
+    optimizer stay fp32). ``graphs`` (``step_graphs``): the forward and backward replay as a
+    CUDA graph; the noise draw, gradient clipping and optimizer step stay eager."""
     B, T, _, H, W = frames.shape
-    eps = draw_eps(generator, (B, model.latent_dim, H, W), T - 1, device=frames.device,
-                   dtype=frames.dtype)
-    with autocast(frames.device, autocast_dtype(precision)):
-        values = rollout_loss(rollout(model, frames, labels, eps,
-                                      teacher_forcing=teacher_forcing,
-                                      detach_prev=detach_prev), beta)
-    optimizer.zero_grad(set_to_none=True)
-    values[0].backward()
+    device = frames.device
+    dtype = next(model.parameters()).dtype
+    eps = draw_eps(generator, (B, model.latent_dim, H, W), T - 1, device=device, dtype=dtype)
+    step = graphs or forward_backward(model, detach_prev=detach_prev, precision=precision)
+    values, grads = step((B, T, H, W, bool(teacher_forcing)), frames, labels, eps,
+                         torch.full((), beta, device=device, dtype=dtype))
+    for param, grad in zip(model.parameters(), grads):
+        param.grad = grad  # a graph's static gradient: the next replay rewrites it
     if grad_clip is not None:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return values.detach()
+    return values
+
+
+def forward_backward(model: VideoCVAE, *, detach_prev: bool, precision: str = "fp32",
+                     autocast_cache: bool = True) -> Callable[..., Any]:
+    """The training step up to the gradients, as a function of tensors only (what a CUDA graph
+    captures): ``fn(key, frames, labels, eps, beta)`` with uint8 frames and labels (B, T, 3,
+    H, W), eps (B, T-1, N, H, W) and a 0-dim beta; ``key[-1]`` is the teacher-forcing flag.
+    Returns the detached (loss, mse, kl) and one gradient per parameter (None where a
+    parameter gets none). ``autocast_cache=False`` for graphs: a graph cannot keep autocast's
+    cast weights across replays."""
+    params = list(model.parameters())
+    dtype = autocast_dtype(precision)
+
+    def fn(key, frames, labels, eps, beta):
+        with autocast(frames.device, dtype, cache=autocast_cache):
+            values = rollout_loss(rollout(model, to_unit(frames), to_unit(labels), eps,
+                                          teacher_forcing=key[-1], detach_prev=detach_prev),
+                                  beta)
+        grads = torch.autograd.grad(values[0], params, allow_unused=True)
+        return values.detach(), grads
+
+    return fn
+
+
+def step_graphs(model: VideoCVAE, *, detach_prev: bool, precision: str = "fp32",
+                graph: type = _CudaGraph) -> StepGraphs:
+    """CUDA graphs (``StepGraphs``) of ``forward_backward`` for ``_train_step_tensors``."""
+    return StepGraphs(forward_backward(model, detach_prev=detach_prev, precision=precision,
+                                       autocast_cache=False), graph=graph)
 
 
 def train_step(model: VideoCVAE, optimizer: torch.optim.Optimizer, frames: torch.Tensor,
@@ -393,6 +542,7 @@ class FitConfig:
     grad_clip: float | None = 1.0
     detach_prev: bool = True
     precision: Precision = "fp32"  # "bf16": training forward under autocast; eval stays fp32
+    cuda_graphs: bool = True  # on CUDA, replay each step's forward and backward as a graph
     eval_every: int = 1
     eval_latent: LatentSource = "prior_sample"
     eval_samples: int = 1
@@ -430,6 +580,9 @@ class FitState:
     best_val_psnr: float = -math.inf
     best_epoch: int = -1
     last_metrics: dict[str, float] = field(default_factory=dict)
+    # CUDA graphs of the training step (``step_graphs``), made at the first CUDA epoch; a
+    # cache, not part of the state: not checkpointed.
+    graphs: StepGraphs | None = field(default=None, repr=False, compare=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -487,6 +640,9 @@ def train_epoch(state: FitState, clips: torch.Tensor, clip_labels: torch.Tensor,
     # copy them over, and wait for the GPU, on every batch.
     batches = order.to(clips.device).split(config.batch_size)
     totals = torch.zeros(3, device=device, dtype=torch.float64)
+    if state.graphs is None and cuda_graphs_wanted(config, device):
+        state.graphs = step_graphs(model, detach_prev=config.detach_prev,
+                                   precision=config.precision)
     beta = 0.0
     for index, batch in enumerate(batches):
         beta = kl_beta(config.kl, epoch=epoch, epochs=config.epochs, batch=index,
@@ -499,7 +655,7 @@ def train_epoch(state: FitState, clips: torch.Tensor, clip_labels: torch.Tensor,
             clip_labels[batch].to(device, non_blocking=True), beta=beta,
             teacher_forcing=use_tf and tf_ratio > 0, grad_clip=config.grad_clip,
             generator=state.noise_generator, detach_prev=config.detach_prev,
-            precision=config.precision)
+            precision=config.precision, graphs=state.graphs)
         totals += values.double()
         hooks.on_batch(epoch, index, len(batches))
     loss, mse, kl = (totals / len(batches)).tolist()  # one host sync per epoch

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import tempfile
@@ -74,6 +75,8 @@ def fit_config(spec: ExperimentSpec) -> FitConfig:
         lr_gamma=spec.lr_schedule.gamma, kl=spec.kl, teacher_forcing=spec.teacher_forcing,
         grad_clip=spec.train.grad_clip, detach_prev=spec.train.detach_prev,
         precision=spec.train.precision,
+        # CUDA graphs of each step on CUDA (same results, faster); CVAE_CUDA_GRAPHS=0: eager.
+        cuda_graphs=os.environ.get("CVAE_CUDA_GRAPHS", "1") != "0",
         eval_every=spec.eval.every, eval_latent=spec.eval.latent,
         eval_samples=spec.eval.samples,
     )

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks, in one go (about 5 minutes on an H100): the throughput benchmark at the
-# lab's size with a 15-member pack (fp32 and bf16, peak memory, a kernel profile), a real
-# study on CUDA through MLflow with its 15 members packed, and torch.compile on the single
-# run. Results go to OUT (default ./gpu-check).
+# The GPU checks, in one go (about 5 minutes on an H100): the CUDA tests (real CUDA graphs
+# against eager CUDA training), the throughput benchmark at the lab's size with a 15-member
+# pack (CUDA graphs and eager, fp32 and bf16, grouped convolutions and 1x1 ones as GEMMs,
+# graphed single runs on streams, peak memory, kernel profiles), and a real study on CUDA
+# through MLflow with its 15 members packed; GPU_CHECK_COMPILE=1 adds torch.compile on the
+# single run. Results go to OUT (default ./gpu-check).
 #
 #     bash scripts/gpu_check.sh [OUT]
 #
@@ -14,7 +16,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 
-if [ -d .whl ] && ! "$python" -c "import mlflow, optuna" 2>/dev/null; then
+if [ -d .whl ] && ! "$python" -c "import mlflow, optuna, pytest" 2>/dev/null; then
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
@@ -36,10 +38,12 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
     return $status
 }
 
-step bench_k15 200 "$python" -m benchmarks.throughput --device cuda --profile full \
-    --members 15 --steps 10 --bf16 --kernels --out "$out/bench_k15.json" \
-    || step bench_k8 120 "$python" -m benchmarks.throughput --device cuda --profile full \
-        --members 8 --steps 10 --bf16 --kernels --out "$out/bench_k8.json"
-step study_cuda 150 "$python" -m studies.kl_ablation --profile smoke --seeds 0 1 2 3 4
-step bench_compile 100 "$python" -m benchmarks.throughput --device cuda --profile full \
-    --members 1 --steps 10 --compile --out "$out/bench_compile.json"
+step cuda_tests 90 "$python" -m pytest -q -p no:cacheprovider -m cuda tests/test_graphs.py
+step bench_k15 220 "$python" -m benchmarks.throughput --device cuda --profile full \
+    --members 15 --steps 6 --bf16 --kernels --packed-convs grouped,matmul_1x1 --concurrent \
+    --out "$out/bench_k15.json"
+step study_cuda 90 "$python" -m studies.kl_ablation --profile smoke --seeds 0 1 2 3 4
+if [ -n "${GPU_CHECK_COMPILE:-}" ]; then
+    step bench_compile 100 "$python" -m benchmarks.throughput --device cuda --profile full \
+        --members 1 --steps 10 --compile --out "$out/bench_compile.json"
+fi

@@ -52,3 +52,31 @@ def cli_env(**extra: str) -> dict[str, str]:
 def run_cli(*args: str, cwd: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=cli_env(**env),
                           capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is faster, and immune to a busy machine's OpenMP stalls."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def float64(monkeypatch):
+    """Run the real training code in float64: frames are scaled to float64 (``to_unit`` is
+    the only place that fixes float32); the test builds its models in float64."""
+    import torch
+
+    import cvae.packed
+    import cvae.train
+
+    def to_unit(x):
+        return x.double().div_(255.0) if x.dtype == torch.uint8 else x.double()
+
+    monkeypatch.setattr(cvae.train, "to_unit", to_unit)
+    monkeypatch.setattr(cvae.packed, "to_unit", to_unit)
+    return torch.float64

@@ -68,25 +68,7 @@ MEMBERS = [
 MAX_LR = max(m.config.lr for m in MEMBERS)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: one thread is faster, and immune to a busy machine's OpenMP stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def float64(monkeypatch):
-    """Run the real training code in float64: frames are scaled to float64 (``to_unit`` is
-    the only place that fixes float32) and models are built in float64 (see ``_states``)."""
-    def to_unit(x):
-        return x.double().div_(255.0) if x.dtype == torch.uint8 else x.double()
-
-    monkeypatch.setattr(cvae.train, "to_unit", to_unit)
-    monkeypatch.setattr(cvae.packed, "to_unit", to_unit)
-    return torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; float64 too
 
 
 def _data(seed: int = 0):
@@ -141,12 +123,12 @@ def _assert_same_state(alone, packed, *, rtol: float, steps: int = 2 * EPOCHS * 
 
 
 def _train_both(*, dtype, prior="standard_normal", detach_prev=True, loss_rtol,
-                memory_format=torch.contiguous_format, epochs=EPOCHS):
+                memory_format=torch.contiguous_format, epochs=EPOCHS, convolutions="grouped"):
     clips, labels, _, _ = _data()
     alone, configs = _states(prior=prior, detach_prev=detach_prev, dtype=dtype)
     together, _ = _states(prior=prior, detach_prev=detach_prev, dtype=dtype,
                           memory_format=memory_format)
-    trainer = PackedTrainer(together, configs)
+    trainer = PackedTrainer(together, configs, convolutions=convolutions)
     for epoch in range(epochs):
         packed_metrics = trainer.train_epoch(clips, labels)
         for k, (state, config) in enumerate(zip(alone, configs)):
@@ -179,6 +161,37 @@ def test_channels_last_members_pack(float64):
                                   memory_format=torch.channels_last, epochs=1)
     for a, b in zip(alone, together):
         _assert_same_state(a, b, rtol=1e-9)
+
+
+@pytest.mark.parametrize("convolutions", ["matmul_1x1", "matmul"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_packed_convolutions_as_matrix_products(float64, convolutions, memory_format):
+    """The GEMM forms of the members' convolutions (for devices where vmap's grouped
+    convolutions are slow) are the same computation: float64 agreement with training alone,
+    learned prior included (its head has 1x1 and 3x3 convolutions too)."""
+    shell = cvae.packed._MemberRollout(VideoCVAE(**DIMS), convolutions)
+    kinds = {type(m).__name__ for m in shell.modules()}
+    assert "_PointwiseConv2d" in kinds
+    assert ("_UnfoldConv2d" in kinds) == (convolutions == "matmul")
+    alone, together = _train_both(dtype=float64, prior="learned", loss_rtol=1e-10, epochs=1,
+                                  memory_format=memory_format, convolutions=convolutions)
+    for a, b in zip(alone, together):
+        _assert_same_state(a, b, rtol=1e-9, steps=5)
+
+
+def test_unknown_packed_convolutions_is_refused():
+    states, configs = _states()
+    with pytest.raises(ValueError, match="choose one of"):
+        PackedTrainer(states, configs, convolutions="winograd")
+
+
+def test_auto_convolutions_follow_the_device():
+    """auto: batched GEMMs for 1x1 convolutions on CUDA (faster on an H100), vmap's grouped
+    convolutions on a CPU (faster there); a pack on the CPU resolves to grouped."""
+    assert cvae.packed.resolve_convolutions("auto", torch.device("cuda")) == "matmul_1x1"
+    assert cvae.packed.resolve_convolutions("auto", torch.device("cpu")) == "grouped"
+    assert cvae.packed.resolve_convolutions("matmul", torch.device("cpu")) == "matmul"
+    assert PackedTrainer(*_states()).convolutions == "grouped"
 
 
 def test_fit_packed_matches_fit(float64):
