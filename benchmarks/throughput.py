@@ -517,7 +517,11 @@ def _table(result: dict[str, Any]) -> str:
                          f"after another: {p['frame_steps_per_s'] / runner['frame_steps_per_s']:.2f}x")
     ev = result["eval"]
     lines.append(f"evaluation: {ev['frames']}-frame rollout (cvae.train.evaluate): "
-                 f"{ev['frames_per_s']:.1f} frames/s, {ev['gflops_per_s']:.1f} GFLOP/s")
+                 f"{ev['frames_per_s']:.1f} frames/s, {ev['gflops_per_s']:.1f} GFLOP/s"
+                 + (", a CUDA graph per frame" if "eager" in ev else ""))
+    if "eager" in ev:
+        lines.append(f"evaluation, eager (no CUDA graph): {ev['eager']['frames_per_s']:.1f} "
+                     f"frames/s, {ev['eager']['gflops_per_s']:.1f} GFLOP/s")
     if "bf16_quality" in result:
         q = result["bf16_quality"]
         lines.append(f"bf16 effect, measured: after {q['steps']} steps from the same start, val "
@@ -712,15 +716,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 paths[name]["profile"] = profiles[name]
             reference_rate = reference_rate or paths[name]["frame_steps_per_s"]
 
-        # Evaluation throughput, on the runner's model.
-        evaluate(state_fp32.model, val_frames[:4], val_labels[:4])  # warm-up
-        generator = torch.Generator(device=device).manual_seed(0)
-        eval_seconds = _timed(device, lambda: evaluate(state_fp32.model, val_frames,
-                                                       val_labels, generator=generator))
-        frames_per_s = (profile.eval_frames - 1) / eval_seconds
-        eval_result = {"frames": profile.eval_frames, "seconds": eval_seconds,
-                       "frames_per_s": frames_per_s,
-                       "gflops_per_s": frames_per_s * 2 * macs["eval"] / 1e9}
+        # Evaluation throughput, on the runner's model (on CUDA a graph per frame step, as
+        # in the runner, and eager for comparison).
+        def time_evaluation(graphs: bool) -> dict[str, float]:
+            evaluate(state_fp32.model, val_frames[:4], val_labels[:4],
+                     cuda_graphs=graphs)  # warm-up
+            generator = torch.Generator(device=device).manual_seed(0)
+            seconds = _timed(device, lambda: evaluate(state_fp32.model, val_frames, val_labels,
+                                                      generator=generator, cuda_graphs=graphs))
+            rate = (profile.eval_frames - 1) / seconds
+            return {"frames": profile.eval_frames, "seconds": seconds, "frames_per_s": rate,
+                    "gflops_per_s": rate * 2 * macs["eval"] / 1e9}
+
+        eval_result = time_evaluation(True)
+        if cuda:
+            eval_result["eager"] = time_evaluation(False)
 
         extra: dict[str, Any] = {}
         if args.bf16:

@@ -82,21 +82,16 @@ class Rollout:
 
 def _generate_step(
     model: VideoCVAE,
-    prev_features: torch.Tensor,
+    prev: torch.Tensor,
     label_features: torch.Tensor,
-    *,
-    latent: LatentSource,
-    generator: torch.Generator | None,
+    eps: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One closed-loop frame step of ``generate``: z from the prior p(z_t | x_{t-1}, P_t), a
-    sample or its mean. prev_features (B, F, H, W), label_features (B, L, H, W); returns
-    x_hat (B, 3, H, W)."""
+    """One closed-loop frame step of ``generate``: z from the prior p(z_t | x_{t-1}, P_t),
+    its mean when ``eps`` is None, else a sample. prev (B, 3, H, W) the previous generated
+    frame, label_features (B, L, H, W), eps (B, N, H, W); returns x_hat (B, 3, H, W)."""
+    prev_features = model.frame_encoder(prev)
     mu, logvar = model.prior_from_features(prev_features, label_features)
-    if latent == "prior_mean":
-        z = mu
-    else:
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-        z = reparameterize(mu, logvar, eps)
+    z = mu if eps is None else reparameterize(mu, logvar, eps)
     return model.activate(model.decode_from_features(prev_features, label_features, z))
 
 
@@ -215,15 +210,34 @@ class _CudaGraph:
 
 class _Rerun:
     """``_CudaGraph``'s stand-in where there is no CUDA (tests): ``replay`` calls ``fn`` on the
-    static inputs again, so everything around a graph (static buffers refilled per call, one
-    graph per key, the eager first call, the optimizer outside) runs as it does on a GPU."""
+    static inputs again and copies the results into the same output tensors every time, as a
+    graph's replay rewrites its outputs. So everything around a graph (static inputs refilled
+    per call, outputs used before the next call, one graph per key, the eager first call, the
+    optimizer outside) runs as it does on a GPU."""
 
     def __init__(self, fn: Callable[..., Any], key: Any, inputs: tuple[torch.Tensor, ...],
                  pool: Any):
         self.fn, self.key, self.inputs = fn, key, inputs
+        self.outputs: Any = None
 
     def replay(self) -> Any:
-        return self.fn(self.key, *self.inputs)
+        fresh = self.fn(self.key, *self.inputs)
+        if self.outputs is None:
+            self.outputs = fresh
+        else:
+            _copy_into(self.outputs, fresh)
+        return self.outputs
+
+
+def _copy_into(static: Any, fresh: Any) -> None:
+    """Copy nested tuples of tensors (None allowed) into the same structure of tensors."""
+    if isinstance(static, torch.Tensor):
+        static.copy_(fresh)
+    elif isinstance(static, (tuple, list)):
+        for s, f in zip(static, fresh, strict=True):
+            _copy_into(s, f)
+    elif static is not None or fresh is not None:
+        raise TypeError(f"cannot copy {type(fresh).__name__} into {type(static).__name__}")
 
 
 class StepGraphs:
@@ -239,16 +253,18 @@ class StepGraphs:
     once). Outputs are static tensors that the next replay of any of these graphs overwrites:
     use them before the next call.
 
-    If a warm-up runs out of GPU memory (a big pack whose graph already holds a step's
-    memory, meeting a new key) or a capture fails, the graphs are dropped, their memory
-    freed, and every later call runs eagerly, with a warning: slower, not wrong. (An
-    out-of-memory in the middle of a forward may have moved BatchNorm running statistics
-    once more than eager training would.)
+    A warm-up that runs out of GPU memory while graphs hold theirs (a big pack meeting a new
+    key, e.g. an epoch's last, smaller batch) drops the graphs, frees their memory and runs
+    again; the dropped keys are captured again when they next come (already warmed, they need
+    no second warm-up), into the same pool. If a capture fails, graphs are given up: every
+    later call runs eagerly, with a warning, slower but not wrong. (An out-of-memory in the
+    middle of a forward may have moved BatchNorm running statistics once more than eager
+    training would.)
     """
 
-    def __init__(self, fn: Callable[..., Any], *, graph: type = _CudaGraph):
+    def __init__(self, fn: Callable[..., Any], *, graph: type | None = None):
         self.fn = fn
-        self.graph_type = graph
+        self.graph_type = graph or _CudaGraph
         self.graphs: dict[Any, tuple[tuple[torch.Tensor, ...], Any]] = {}
         self.warmed: set[Any] = set()  # keys that ran their eager warm-up
         self.off: str | None = None  # why graphs were given up: every call eager
@@ -257,19 +273,36 @@ class StepGraphs:
     def __call__(self, key: Any, *inputs: torch.Tensor) -> Any:
         if self.off is None and key not in self.graphs:
             if key not in self.warmed:
-                self.warmed.add(key)
-                try:
-                    return self._side_stream(inputs[0].device, lambda: self.fn(key, *inputs))
-                except torch.cuda.OutOfMemoryError as error:
-                    self._give_up(f"out of GPU memory in a warm-up ({error})")
-            else:
-                self._capture(key, inputs)
+                return self._warm_up(key, inputs)
+            self._capture(key, inputs)
         if self.off is not None:
             return self.fn(key, *inputs)
         static, graph = self.graphs[key]
         for buffer, value in zip(static, inputs):
             buffer.copy_(value)
         return graph.replay()
+
+    def _warm_up(self, key: Any, inputs: tuple[torch.Tensor, ...]) -> Any:
+        def run():
+            return self._side_stream(inputs[0].device, lambda: self.fn(key, *inputs))
+
+        try:
+            result = run()
+        except torch.cuda.OutOfMemoryError:
+            if not self.graphs:
+                raise  # eager training would not fit either
+            self._release()
+            result = run()
+        self.warmed.add(key)
+        return result
+
+    def _release(self) -> None:
+        """Drop every graph and free its memory (the pool goes with the last graph)."""
+        self.graphs.clear()
+        self.pool = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _capture(self, key: Any, inputs: tuple[torch.Tensor, ...]) -> None:
         static = tuple(value.clone() for value in inputs)
@@ -281,12 +314,8 @@ class StepGraphs:
             self._give_up(f"capture failed ({type(error).__name__}: {error})")
 
     def _give_up(self, why: str) -> None:
-        self.graphs.clear()
-        self.pool = None
+        self._release()
         self.off = why.splitlines()[0][:300]
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         warnings.warn(f"CUDA graphs off for this training: {self.off}; it goes on eagerly",
                       RuntimeWarning, stacklevel=3)
 
@@ -296,16 +325,21 @@ class StepGraphs:
             return work()
         main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
         side.wait_stream(main)
-        with torch.cuda.stream(side):
-            result = work()
-        main.wait_stream(side)
-        return result
+        try:
+            with torch.cuda.stream(side):
+                return work()
+        finally:  # even after an error: nothing on the main stream may overtake that work
+            main.wait_stream(side)
+
+
+def _graphable(device: torch.device) -> bool:
+    return device.type == "cuda"
 
 
 def cuda_graphs_wanted(config: FitConfig, device: torch.device) -> bool:
     """Whether training on ``device`` replays CUDA graphs: on CUDA, unless the config says
     no."""
-    return config.cuda_graphs and device.type == "cuda"
+    return config.cuda_graphs and _graphable(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +439,7 @@ def forward_backward(model: VideoCVAE, *, detach_prev: bool, precision: str = "f
 
 
 def step_graphs(model: VideoCVAE, *, detach_prev: bool, precision: str = "fp32",
-                graph: type = _CudaGraph) -> StepGraphs:
+                graph: type | None = None) -> StepGraphs:
     """CUDA graphs (``StepGraphs``) of ``forward_backward`` for ``_train_step_tensors``."""
     return StepGraphs(forward_backward(model, detach_prev=detach_prev, precision=precision,
                                        autocast_cache=False), graph=graph)
@@ -461,6 +495,7 @@ def generate(
     latent: LatentSource = "prior_sample",
     samples: int = 1,
     generator: torch.Generator | None = None,
+    cuda_graphs: bool = True,
 ) -> torch.Tensor:
     """Closed-loop generation, as validation and the test set need it.
 
@@ -469,7 +504,9 @@ def generate(
     label, z from the prior (a sample, or its mean). Returns (samples, L, 3, H, W) floats on
     the model's device, frame 0 being the given frame; ``prior_mean`` is deterministic and
     gives one sequence whatever ``samples`` says. The model runs in eval mode (BatchNorm
-    running statistics) and its mode is restored afterwards.
+    running statistics) and its mode is restored afterwards. On CUDA each frame step replays
+    as a CUDA graph (``StepGraphs``; the noise is drawn outside it, in the same order), unless
+    ``cuda_graphs`` is False.
     """
     _check_generation_latent(latent)
     if samples < 1:
@@ -482,11 +519,20 @@ def generate(
         n = samples if latent == "prior_sample" else 1
         label_features = model.label_encoder(pose)  # (L, L_dim, H, W), shared by all samples
         prev = to_unit(first_frame.to(device)).unsqueeze(0).expand(n, -1, -1, -1)  # (n, 3, H, W)
+        sample = latent == "prior_sample"
+
+        def step(key, prev, label_t, *eps):
+            return _generate_step(model, prev, label_t, eps[0] if eps else None)
+
+        if cuda_graphs and _graphable(device):
+            step = StepGraphs(step)  # ~1,000 small kernels a frame: one launch instead
         outputs = [prev]
+        shape = (n, model.latent_dim, *prev.shape[-2:])
         for t in range(1, pose.shape[0]):
             label_t = label_features[t : t + 1].expand(n, -1, -1, -1)
-            prev = _generate_step(model, model.frame_encoder(prev), label_t, latent=latent,
-                                  generator=generator)
+            eps = ((torch.randn(shape, generator=generator, device=device, dtype=prev.dtype),)
+                   if sample else ())
+            prev = step(n, prev, label_t, *eps).clone()  # a graph's output is rewritten
             outputs.append(prev)
         return torch.stack(outputs, dim=1)  # (n, L, 3, H, W)
     finally:
@@ -502,6 +548,7 @@ def evaluate(
     latent: LatentSource = "prior_sample",
     samples: int = 1,
     generator: torch.Generator | None = None,
+    cuda_graphs: bool = True,
 ) -> Evaluation:
     """The lab's validation: frame 1 given, frames 2..L generated from the previous
     *generated* frame and the label, z from the prior (``generate``). ``samples > 1`` draws
@@ -512,7 +559,7 @@ def evaluate(
     _check_generation_latent(latent)
     truth = to_unit(frames.to(next(model.parameters()).device))  # (L, 3, H, W)
     sequences = generate(model, truth[0], labels, latent=latent, samples=samples,
-                         generator=generator)  # (n, L, 3, H, W)
+                         generator=generator, cuda_graphs=cuda_graphs)  # (n, L, 3, H, W)
     psnrs = torch.stack([psnr_per_frame(s[1:], truth[1:]) for s in sequences])  # (n, L-1)
     best = int(psnrs.mean(dim=1).argmax())
     best_seq = sequences[best]
@@ -697,7 +744,8 @@ def finish_epoch(state: FitState, config: FitConfig, metrics: dict[str, float],
     epoch = state.epoch
     if (epoch + 1) % config.eval_every == 0 or epoch == config.epochs - 1:
         evaluation = evaluate(state.model, val_frames, val_labels, latent=config.eval_latent,
-                              samples=config.eval_samples, generator=state.noise_generator)
+                              samples=config.eval_samples, generator=state.noise_generator,
+                              cuda_graphs=config.cuda_graphs)
         metrics["val/loss"], metrics["val/psnr"] = evaluation.loss, evaluation.psnr
         if evaluation.psnr > state.best_val_psnr:
             state.best_val_psnr, state.best_epoch = evaluation.psnr, epoch

@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import cvae.train
 from cvae.model import VideoCVAE
 from cvae.packed import PackedTrainer
 from cvae.schedules import TeacherForcing
@@ -98,9 +99,10 @@ def test_a_graph_that_cannot_be_captured_turns_graphs_off(float64):
     _assert_same(eager, graphed, rtol=0)
 
 
-def test_a_warm_up_out_of_memory_drops_the_graphs_and_reruns_eagerly():
-    """A second key's eager warm-up may not fit next to a big pack's graph: the graphs go,
-    their memory with them, and the step is run again eagerly."""
+def test_a_warm_up_out_of_memory_frees_the_graphs_and_captures_again_later():
+    """A new key's eager warm-up may not fit next to a big pack's graph (an epoch's last,
+    smaller batch): the graphs go, their memory with them, the warm-up runs again, and the
+    dropped key is captured again at its next call, without another warm-up."""
     calls = []
 
     def fn(key, x):
@@ -113,11 +115,19 @@ def test_a_warm_up_out_of_memory_drops_the_graphs_and_reruns_eagerly():
     assert float(graphs("a", torch.tensor(1.0))) == 2.0  # warm-up
     assert float(graphs("a", torch.tensor(2.0))) == 3.0  # captured, replayed
     assert list(graphs.graphs) == ["a"]
-    with pytest.warns(RuntimeWarning, match="warm-up"):
-        assert float(graphs("b", torch.tensor(5.0))) == 6.0
-    assert graphs.off and not graphs.graphs
-    assert float(graphs("a", torch.tensor(7.0))) == 8.0  # eager from now on
-    assert calls[-1] == "a" and not graphs.graphs
+    assert float(graphs("b", torch.tensor(5.0))) == 6.0  # out of memory, freed, run again
+    assert calls == ["a", "a", "b", "b"] and not graphs.graphs and graphs.off is None
+    assert float(graphs("a", torch.tensor(7.0))) == 8.0  # captured again, no warm-up
+    assert float(graphs("b", torch.tensor(8.0))) == 9.0
+    assert set(graphs.graphs) == {"a", "b"} and graphs.warmed == {"a", "b"}
+
+
+def test_an_out_of_memory_with_no_graph_to_free_is_raised():
+    def fn(key, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        StepGraphs(fn, graph=_Rerun)("a", torch.tensor(1.0))
 
 
 def test_step_graphs_refill_their_inputs_every_call():
@@ -207,3 +217,44 @@ def test_real_cuda_graphs_match_eager_cuda_training(packed):
             assert all(s.graphs is not None and s.graphs.graphs for s in states)
     graphed, eager = ([x for run in losses[name] for x in run] for name in ("graphed", "eager"))
     assert graphed == pytest.approx(eager, rel=1e-3)
+
+
+@pytest.mark.parametrize("latent,samples", [("prior_sample", 3), ("prior_mean", 1)])
+def test_graphed_generation_is_eager_generation(monkeypatch, latent, samples):
+    """Evaluation's closed-loop rollout, one graph replay per frame, draws the same noise in
+    the same order and generates the same frames as eager (the stand-in graph here)."""
+    monkeypatch.setattr(cvae.train, "_graphable", lambda device: True)
+    monkeypatch.setattr(cvae.train, "_CudaGraph", _Rerun)
+    made = []
+    real = cvae.train.StepGraphs
+
+    class Spy(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(cvae.train, "StepGraphs", Spy)
+    state = _state(0, torch.float32)
+    frames, labels = (x[0] for x in _data())  # (T, 3, H, W)
+    runs = {}
+    for graphs in (False, True):
+        generator = torch.Generator().manual_seed(5)
+        runs[graphs] = cvae.train.generate(state.model, frames[0], labels, latent=latent,
+                                           samples=samples, generator=generator,
+                                           cuda_graphs=graphs)
+    assert torch.equal(runs[True], runs[False])
+    assert len(made) == 1 and list(made[0].graphs) == [samples if latent == "prior_sample"
+                                                       else 1]
+
+
+@pytest.mark.cuda
+def test_real_cuda_graphs_generate_what_eager_generates():
+    state = _state(0, torch.float32, "cuda")
+    frames, labels = (x[0] for x in _data("cuda"))
+    runs = []
+    for graphs in (False, True):
+        generator = torch.Generator(device="cuda").manual_seed(5)
+        runs.append(cvae.train.evaluate(state.model, frames, labels, samples=2,
+                                        generator=generator, cuda_graphs=graphs))
+    assert torch.allclose(runs[0].predictions, runs[1].predictions, atol=1e-4)
+    assert runs[0].psnr == pytest.approx(runs[1].psnr, abs=1e-3)
