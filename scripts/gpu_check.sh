@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, in one go (about 5 minutes on an H100): the CUDA tests (real CUDA graphs
+# The GPU checks, in one go (about 7 minutes on an H100): the CUDA tests (real CUDA graphs
 # against eager CUDA training), the throughput benchmark at the lab's size with a 15-member
 # pack (CUDA graphs and eager, fp32 and bf16, grouped convolutions and 1x1 ones as GEMMs,
 # graphed single runs on streams, peak memory, kernel profiles), and a real study on CUDA
@@ -39,7 +39,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 }
 
 step cuda_tests 90 "$python" -m pytest -q -p no:cacheprovider -m cuda tests/test_graphs.py
-step bench_k15 220 "$python" -m benchmarks.throughput --device cuda --profile full \
+step bench_k15 300 "$python" -m benchmarks.throughput --device cuda --profile full \
     --members 15 --steps 6 --bf16 --kernels --packed-convs grouped,matmul_1x1 --concurrent \
     --out "$out/bench_k15.json"
 step study_cuda 90 "$python" -m studies.kl_ablation --profile smoke --seeds 0 1 2 3 4
