@@ -355,7 +355,7 @@ def streams_stepper(states: list, configs: list[FitConfig], clips: torch.Tensor,
                                     grad_clip=config.grad_clip,
                                     generator=state.noise_generator,
                                     detach_prev=config.detach_prev, precision=config.precision,
-                                    graphs=state.graphs)
+                                    step=state.graphs)
         for stream in streams:
             main.wait_stream(stream)
 

@@ -395,17 +395,18 @@ def _train_step_tensors(
     generator: torch.Generator | None,
     detach_prev: bool,
     precision: str = "fp32",
-    graphs: StepGraphs | None = None,
+    step: Callable[..., Any] | None = None,
 ) -> torch.Tensor:
     """One backward and one optimizer step; returns detached (loss, mse, kl) as a (3,) tensor.
     ``precision="bf16"``: the forward under bf16 autocast (parameters, gradients and the
-    optimizer stay fp32). ``graphs`` (``step_graphs``): the forward and backward replay as a
-    CUDA graph; the noise draw, gradient clipping and optimizer step stay eager."""
+    optimizer stay fp32). ``step``: this model's ``forward_backward`` (made here if None),
+    or its ``step_graphs`` to replay it as a CUDA graph; the noise draw, gradient clipping
+    and optimizer step stay eager."""
     B, T, _, H, W = frames.shape
     device = frames.device
     dtype = next(model.parameters()).dtype
     eps = draw_eps(generator, (B, model.latent_dim, H, W), T - 1, device=device, dtype=dtype)
-    step = graphs or forward_backward(model, detach_prev=detach_prev, precision=precision)
+    step = step or forward_backward(model, detach_prev=detach_prev, precision=precision)
     values, grads = step((B, T, H, W, bool(teacher_forcing)), frames, labels, eps,
                          torch.full((), beta, device=device, dtype=dtype))
     for param, grad in zip(model.parameters(), grads):
@@ -690,6 +691,8 @@ def train_epoch(state: FitState, clips: torch.Tensor, clip_labels: torch.Tensor,
     if state.graphs is None and cuda_graphs_wanted(config, device):
         state.graphs = step_graphs(model, detach_prev=config.detach_prev,
                                    precision=config.precision)
+    step = state.graphs or forward_backward(model, detach_prev=config.detach_prev,
+                                            precision=config.precision)
     beta = 0.0
     for index, batch in enumerate(batches):
         beta = kl_beta(config.kl, epoch=epoch, epochs=config.epochs, batch=index,
@@ -702,7 +705,7 @@ def train_epoch(state: FitState, clips: torch.Tensor, clip_labels: torch.Tensor,
             clip_labels[batch].to(device, non_blocking=True), beta=beta,
             teacher_forcing=use_tf and tf_ratio > 0, grad_clip=config.grad_clip,
             generator=state.noise_generator, detach_prev=config.detach_prev,
-            precision=config.precision, graphs=state.graphs)
+            precision=config.precision, step=step)
         totals += values.double()
         hooks.on_batch(epoch, index, len(batches))
     loss, mse, kl = (totals / len(batches)).tolist()  # one host sync per epoch
