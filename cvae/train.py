@@ -208,38 +208,6 @@ class _CudaGraph:
         return self.outputs
 
 
-class _Rerun:
-    """``_CudaGraph``'s stand-in where there is no CUDA (tests): ``replay`` calls ``fn`` on the
-    static inputs again and copies the results into the same output tensors every time, as a
-    graph's replay rewrites its outputs. So everything around a graph (static inputs refilled
-    per call, outputs used before the next call, one graph per key, the eager first call, the
-    optimizer outside) runs as it does on a GPU."""
-
-    def __init__(self, fn: Callable[..., Any], key: Any, inputs: tuple[torch.Tensor, ...],
-                 pool: Any):
-        self.fn, self.key, self.inputs = fn, key, inputs
-        self.outputs: Any = None
-
-    def replay(self) -> Any:
-        fresh = self.fn(self.key, *self.inputs)
-        if self.outputs is None:
-            self.outputs = fresh
-        else:
-            _copy_into(self.outputs, fresh)
-        return self.outputs
-
-
-def _copy_into(static: Any, fresh: Any) -> None:
-    """Copy nested tuples of tensors (None allowed) into the same structure of tensors."""
-    if isinstance(static, torch.Tensor):
-        static.copy_(fresh)
-    elif isinstance(static, (tuple, list)):
-        for s, f in zip(static, fresh, strict=True):
-            _copy_into(s, f)
-    elif static is not None or fresh is not None:
-        raise TypeError(f"cannot copy {type(fresh).__name__} into {type(static).__name__}")
-
-
 class StepGraphs:
     """Runs ``fn(key, *inputs)`` (a training step's forward and backward: tensors in, tensors
     out) as CUDA graphs, one per ``key`` (what changes the kernels: batch shape, teacher

@@ -1,13 +1,16 @@
 """CUDA graphs of the training step (cvae.train.StepGraphs), single runs and packs.
 
 On a CPU the graph is ``_Rerun``: replaying calls the captured function again on the static
-inputs, so everything around a graph (static buffers refilled each step, one graph per batch
-shape and teacher-forcing mode, the eager warm-up, gradients handed to an eager optimizer,
-persistent BatchNorm stacks in a pack) is checked against eager training. With a GPU, the
-last test replays real CUDA graphs against eager CUDA training.
+inputs and rewrites the same output tensors, so everything around a graph (static buffers
+refilled each step, outputs used before the next replay, one graph per batch shape and
+teacher-forcing mode, the eager warm-up, gradients handed to an eager optimizer, persistent
+BatchNorm stacks in a pack, generation frame by frame) is checked against eager code. The
+tests marked ``cuda`` (``pytest -m cuda`` on a GPU) replay real CUDA graphs.
 """
 
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
@@ -20,12 +23,44 @@ from cvae.train import (
     FitConfig,
     Hooks,
     StepGraphs,
-    _Rerun,
     cuda_graphs_wanted,
     new_fit_state,
     step_graphs,
     train_epoch,
 )
+
+
+class _Rerun:
+    """``cvae.train._CudaGraph``'s stand-in without CUDA: ``replay`` calls ``fn`` on the
+    static inputs again and copies the results into the same output tensors every time, as a
+    graph's replay rewrites its outputs. So everything around a graph (static inputs refilled
+    per call, outputs used before the next call, one graph per key, the eager first call, the
+    optimizer outside) runs as it does on a GPU."""
+
+    def __init__(self, fn: Callable[..., Any], key: Any, inputs: tuple[torch.Tensor, ...],
+                 pool: Any):
+        self.fn, self.key, self.inputs = fn, key, inputs
+        self.outputs: Any = None
+
+    def replay(self) -> Any:
+        fresh = self.fn(self.key, *self.inputs)
+        if self.outputs is None:
+            self.outputs = fresh
+        else:
+            _copy_into(self.outputs, fresh)
+        return self.outputs
+
+
+def _copy_into(static: Any, fresh: Any) -> None:
+    """Copy nested tuples of tensors (None allowed) into the same structure of tensors."""
+    if isinstance(static, torch.Tensor):
+        static.copy_(fresh)
+    elif isinstance(static, (tuple, list)):
+        for s, f in zip(static, fresh, strict=True):
+            _copy_into(s, f)
+    elif static is not None or fresh is not None:
+        raise TypeError(f"cannot copy {type(fresh).__name__} into {type(static).__name__}")
+
 
 DIMS = {"frame_dim": 8, "label_dim": 4, "latent_dim": 4, "decoder_dim": 8}
 CLIPS, T, H, W = 5, 4, 8, 16  # batch 2: batches of 2, 2 and 1 (two graph shapes)
