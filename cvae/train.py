@@ -224,7 +224,7 @@ class StepGraphs:
     A warm-up that runs out of GPU memory while graphs hold theirs (a big pack meeting a new
     key, e.g. an epoch's last, smaller batch) drops the graphs, frees their memory and runs
     again; the dropped keys are captured again when they next come (already warmed, they need
-    no second warm-up), into the same pool. If a capture fails, graphs are given up: every
+    no second warm-up), sharing one new pool. If a capture fails, graphs are given up: every
     later call runs eagerly, with a warning, slower but not wrong. (An out-of-memory in the
     middle of a forward may have moved BatchNorm running statistics once more than eager
     training would.)
