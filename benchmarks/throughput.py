@@ -512,7 +512,7 @@ def _table(result: dict[str, Any]) -> str:
             lines += _profile_lines(key, p["profile"], members)
     runner = result["paths"]["runner"]
     for key, p in result["paths"].items():
-        if key.startswith(("packed", "streams")) and not key.endswith("_bf16"):
+        if key.startswith(PACK_PATHS) and not key.endswith("_bf16"):
             lines.append(f"{path_label(key, members, short=True)} vs {members} single runs one "
                          f"after another: {p['frame_steps_per_s'] / runner['frame_steps_per_s']:.2f}x")
     ev = result["eval"]
@@ -545,11 +545,19 @@ def _print_profile(key: str, prof: dict[str, Any], members: int) -> None:
     print("\n".join(_profile_lines(key, prof, members)), flush=True)
 
 
+PACK_PATHS = ("packed", "streams")  # path keys that train K members
+
+
+def _members_of(key: str, members: int) -> int:
+    """How many members a path trains: K for packed and streams paths, else 1."""
+    return members if key.startswith(PACK_PATHS) else 1
+
+
 def _print_rates(seconds: dict[str, float], steps: int, members: int, frames: int) -> None:
     """Frame-steps/s as soon as they are measured (the table comes at the end; a run cut
     short by a time limit keeps these lines)."""
     for name, total in seconds.items():
-        count = members if name.startswith(("packed", "streams")) else 1
+        count = _members_of(name, members)
         print(f"timed: {path_label(name, members)}: {steps * count * frames / total:.2f} "
               "frame-steps/s", flush=True)
 
@@ -705,7 +713,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         paths: dict[str, dict[str, Any]] = {}
         reference_rate = None
         for name, total in seconds.items():
-            members = args.members if name.startswith(("packed", "streams")) else 1
+            members = _members_of(name, args.members)
             peak = peaks.get("bf16" if name.endswith("bf16") else "fp32")
             paths[name] = _rate(steps * members * B * (T - 1), total, flops_per_step, peak,
                                 reference_rate)

@@ -447,21 +447,24 @@ class PackedTrainer:
         return values
 
     # -- BatchNorm buffers -----------------------------------------------------------------
+    def _buffer_pairs(self):
+        """(slice of the stack, the member's own buffer), for every buffer of every member."""
+        for key, stacked in self._buffers.items():
+            name = key.removeprefix("model.")
+            for k, state in enumerate(self.states):
+                yield stacked[k], state.model.get_buffer(name)
+
+    @torch.no_grad()
     def _refresh_buffers(self) -> None:
         """Copy each member's BatchNorm buffers into the stack (a checkpoint may have been
         loaded into the members since the last epoch)."""
-        with torch.no_grad():
-            for key, stacked in self._buffers.items():
-                name = key.removeprefix("model.")
-                for k, state in enumerate(self.states):
-                    stacked[k].copy_(state.model.get_buffer(name))
+        for stacked, own in self._buffer_pairs():
+            stacked.copy_(own)
 
+    @torch.no_grad()
     def _write_back_buffers(self) -> None:
-        with torch.no_grad():
-            for key, stacked in self._buffers.items():
-                name = key.removeprefix("model.")
-                for k, state in enumerate(self.states):
-                    state.model.get_buffer(name).copy_(stacked[k])
+        for stacked, own in self._buffer_pairs():
+            own.copy_(stacked)
 
 
 # ---------------------------------------------------------------------------------------------
