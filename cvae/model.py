@@ -41,7 +41,9 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.conv1 = _conv(in_ch, out_ch, 3)
         self.conv2 = _conv(out_ch, out_ch, 3)
-        self.act = nn.LeakyReLU(0.01)
+        # In place: it only ever sees a fresh convolution output, which nothing else reads
+        # (a convolution's backward needs its input, not its output).
+        self.act = nn.LeakyReLU(0.01, inplace=True)
         self.skip = _conv(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +56,7 @@ class DepthConv(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
-        self.conv1 = nn.Sequential(_conv(in_ch, in_ch, 1), nn.LeakyReLU(0.01))
+        self.conv1 = nn.Sequential(_conv(in_ch, in_ch, 1), nn.LeakyReLU(0.01, inplace=True))
         self.depth_conv = _conv(in_ch, in_ch, 3, groups=in_ch)
         self.conv2 = _conv(in_ch, out_ch, 1)
         self.adaptor = _conv(in_ch, out_ch, 1) if in_ch != out_ch else None
