@@ -134,23 +134,39 @@ def rollout(
     choice). ``activate`` maps the generator's raw output to x_hat (default: the model's).
 
     What does not depend on earlier predictions runs once over all B*(T-1) frames: the label
-    and ground-truth encoders, the posterior, z; under teacher forcing the decoder too; the
-    learned prior after the loop. Only the autoregressive chain (encode the previous
+    and ground-truth encoders, the posterior, z; under teacher forcing the decoder too (and
+    one frame-encoder pass over all T frames serves both the posterior and the previous
+    frames); the learned prior after the loop. Only the autoregressive chain (encode the previous
     prediction, decode) runs step by step.
     """
     activate = activate or model.activate
     B, T = frames.shape[:2]
     steps = T - 1
     # The label encoder sees all T labels, as it always has (its BatchNorm batch statistics).
-    label_features = model.label_encoder(labels.flatten(0, 1)).unflatten(0, (B, T))[:, 1:]
-    label_features_flat = label_features.flatten(0, 1)  # (B*S, L, H, W)
-    mu, logvar = model.posterior_from_features(model.frame_encoder(frames[:, 1:].flatten(0, 1)),
+    # Frames 2..T picked by index, not by flattening a 5-D slice: indexing keeps the encoder's
+    # memory format (channels_last), a reshape would copy to NCHW, and every convolution that
+    # reads the features would then copy them back.
+    keep = (torch.arange(B, device=labels.device)[:, None] * T
+            + torch.arange(1, T, device=labels.device)).flatten()
+    label_features_flat = model.label_encoder(labels.flatten(0, 1))[keep]  # (B*S, L, H, W)
+    label_features = label_features_flat.unflatten(0, (B, steps))
+    mixed = isinstance(teacher_forcing, torch.Tensor)
+    forced = not mixed and bool(teacher_forcing)
+    if forced:
+        # The previous frames are the clip's frames 1..T-1 and the frame encoder has no batch
+        # statistics: one pass over all T frames gives the posterior's features (frames
+        # 2..T) and the previous frames' (1..T-1), detached as ``_encode_prev`` would.
+        all_features = model.frame_encoder(frames.flatten(0, 1))
+        frame_features, prev_features = all_features[keep], all_features[keep - 1]
+        if detach_prev:
+            prev_features = prev_features.detach()
+    else:
+        frame_features = model.frame_encoder(frames[:, 1:].flatten(0, 1))
+    mu, logvar = model.posterior_from_features(frame_features,
                                                label_features_flat)  # (B*S, N, H, W) each
     z = reparameterize(mu, logvar, eps.flatten(0, 1))
 
-    mixed = isinstance(teacher_forcing, torch.Tensor)
-    if not mixed and teacher_forcing:
-        prev_features = _encode_prev(model, frames[:, :-1].flatten(0, 1), detach_prev)
+    if forced:
         predictions = activate(model.decode_from_features(prev_features, label_features_flat, z))
         predictions = predictions.unflatten(0, (B, steps))
     else:

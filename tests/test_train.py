@@ -354,3 +354,33 @@ def test_batched_rollout_is_the_stepwise_rollout(teacher_forcing, prior, detach_
     torch.testing.assert_close(ours, reference, rtol=1e-10, atol=0)
     for (name, _), got, want in zip(model.named_parameters(), grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("teacher_forcing", [True, False])
+def test_rollout_keeps_features_channels_last(teacher_forcing):
+    """In a channels_last model every convolution that reads features (more than the 3
+    channels of a frame) gets them channels_last: a feature tensor in NCHW would be copied to
+    channels_last at each such convolution, forward and backward. Picking frames 2..T of the
+    label features by a reshape did that to the posterior's 160-channel input."""
+    from cvae.train import rollout, rollout_loss
+
+    torch.manual_seed(0)
+    model = VideoCVAE(**DIMS).to(memory_format=torch.channels_last)
+    seen = []
+
+    def check(module, inputs):
+        x = inputs[0]
+        if x.shape[1] > 3:
+            seen.append((type(module).__name__, tuple(x.shape),
+                         x.is_contiguous(memory_format=torch.channels_last)))
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_pre_hook(check)
+    frames, labels = square_video(10)
+    frames = to_unit(frames).view(2, 5, 3, H, W)
+    labels = to_unit(labels).view(2, 5, 3, H, W)
+    eps = torch.randn(2, 4, DIMS["latent_dim"], H, W)
+    rollout_loss(rollout(model, frames, labels, eps, teacher_forcing=teacher_forcing), 1.0)[0]
+    assert seen
+    assert [s for s in seen if not s[2]] == []
