@@ -27,6 +27,8 @@ one pass of every module per predicted frame (the lab's ~3.2 GMAC at 128/32/12/1
 The detached previous-frame encoding (+12%) is not counted: GFLOP/s are model FLOPs, the MFU
 convention, and the same count divides every path, so ratios are plain speed ratios.
 Evaluation = ``cvae.train.evaluate``'s autoregressive rollout of the validation length (630).
+On a CPU the whole process runs with the runner's malloc setting (``cvae.host``: freed
+buffers are reused, not faulted in again each step), (a) included.
 
 The paths are timed in rounds (one step of each per round, after warm-up rounds), so a
 shared machine's changing load falls on all of them alike; on a busy CPU, ``--threads 1``
@@ -58,6 +60,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from cvae.host import reuse_freed_host_memory
 from cvae.losses import kl_standard_normal, reconstruction_mse
 from cvae.model import VideoCVAE, reparameterize
 from cvae.packed import CONV_IMPLS, PackedTrainer, resolve_convolutions
@@ -481,7 +484,9 @@ def _table(result: dict[str, Any]) -> str:
     members = result["members"]
     lines = [
         (f"device {result['device']} ({result['device_name']}, {result['threads']} threads, "
-         f"load {result['load_average']:.1f}); torch {result['torch']}"),
+         f"load {result['load_average']:.1f}"
+         f"{', freed host memory reused' if result.get('host_malloc_reuse') else ''}); "
+         f"torch {result['torch']}"),
         (f"profile {result['profile']}: dims {dims['frame']}/{dims['label']}/{dims['latent']}/"
          f"{dims['decoder']} at {result['frame_size'][0]}x{result['frame_size'][1]}, clips of "
          f"{result['clip_length']}, batch {result['batch_size']}, {result['steps']} timed steps "
@@ -572,6 +577,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     teacher_forcing = args.teacher_forcing == "on"
     B, T = profile.batch_size, profile.clip_length
     peaks, peak_basis = _peaks(device)
+    # The runner's CPU malloc setting (cvae.host). It holds for the whole process, so (a)
+    # runs with it too; its buffers at batch 2 are small, and alone it timed the same.
+    host_malloc = device.type == "cpu" and reuse_freed_host_memory()
     # Off unless asked, as in the runner (see --cudnn-benchmark).
     torch.backends.cudnn.benchmark = device.type == "cuda" and args.cudnn_benchmark
 
@@ -756,6 +764,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0],
+        "host_malloc_reuse": host_malloc,
         "profile": args.profile,
         "dims": {"frame": profile.frame_dim, "label": profile.label_dim,
                  "latent": profile.latent_dim, "decoder": profile.decoder_dim,
