@@ -24,7 +24,8 @@ autocast, as ``train.precision`` does in a spec) and their val PSNR after the ti
 One frame step = one predicted frame of one member, forward + backward. Model FLOPs per frame
 step = 3 (forward + 2x backward) x 2 x MACs, with MACs counted from the convolution shapes:
 one pass of every module per predicted frame (the lab's ~3.2 GMAC at 128/32/12/192, 32x64).
-The detached previous-frame encoding (+12%) is not counted: GFLOP/s are model FLOPs, the MFU
+The detached previous-frame encoding (+12%, without teacher forcing; under it the rollout
+reuses the ground-truth encoding) is not counted: GFLOP/s are model FLOPs, the MFU
 convention, and the same count divides every path, so ratios are plain speed ratios.
 Evaluation = ``cvae.train.evaluate``'s autoregressive rollout of the validation length (630).
 On a CPU the whole process runs with the runner's malloc setting (``cvae.host``: freed
