@@ -32,8 +32,10 @@ On a CPU the whole process runs with the runner's malloc setting (``cvae.host``:
 buffers are reused, not faulted in again each step), (a) included.
 
 The paths are timed in rounds (one step of each per round, after warm-up rounds), so a
-shared machine's changing load falls on all of them alike; on a busy CPU, ``--threads 1``
-avoids OpenMP threads waiting on each other at every operator.
+shared machine's changing load falls on all of them alike; the table also gives the range of
+each path's ratio to (a) round by round (JSON: ``round_seconds``), i.e. how far one step's
+noise moves it. On a busy CPU, ``--threads 1`` avoids OpenMP threads waiting on each other at
+every operator.
 
 The data are a synthetic PNG set in the lab layout written to a temporary folder (a moving
 blob on grey; skeleton-like lines on white), so this benchmark depends on nothing but cvae.
@@ -507,6 +509,11 @@ def _table(result: dict[str, Any]) -> str:
                      f"{p['speedup_vs_reference']:>8.2f}{p['gflops_per_s']:>10.1f}{mfu:>8}")
     for key, p in result.get("failed_paths", {}).items():
         lines.append(f"{path_label(key, members):<48}  failed: {p}")
+    spread = round_ratios(result)
+    if spread:
+        lines.append(f"x (a) round by round ({result['steps']} rounds): " + ", ".join(
+            f"{path_label(key, members, short=True)} {min(r):.2f}-{max(r):.2f}"
+            for key, r in spread.items()))
     for key, p in result["paths"].items():
         if "step_gb" in p:
             what = ("at most, from the build on (graph pool, warm-up)"
@@ -534,6 +541,19 @@ def _table(result: dict[str, Any]) -> str:
                      f"PSNR (prior mean, {q['frames']} frames) fp32 {q['val_psnr_fp32']:.3f} dB, "
                      f"bf16 {q['val_psnr_bf16']:.3f} dB")
     return "\n".join(lines)
+
+
+def round_ratios(result: dict[str, Any]) -> dict[str, list[float]]:
+    """Each path's speed against (a) in every round (one step of each path, back to back) of
+    the paths timed in rounds: how much of a ratio is the machine's noise. Empty with fewer
+    than two rounds."""
+    reference = result["paths"]["reference"].get("round_seconds", [])
+    if len(reference) < 2:
+        return {}
+    return {key: [_members_of(key, result["members"]) * ref / own
+                  for ref, own in zip(reference, p["round_seconds"], strict=True)]
+            for key, p in result["paths"].items()
+            if key != "reference" and "round_seconds" in p}
 
 
 def _profile_lines(key: str, prof: dict[str, Any], members: int) -> list[str]:
@@ -675,13 +695,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     del steppers[name], stepper
                     torch.cuda.empty_cache()
         seconds = dict.fromkeys(steppers, 0.0)
+        rounds: dict[str, list[float]] = {name: [] for name in steppers}  # each round's step
         step_bytes = dict.fromkeys(steppers, 0)  # CUDA: most memory one step took on top
         for _ in range(steps):
             for name, stepper in steppers.items():
                 if cuda:
                     before = torch.cuda.memory_allocated(device)
                     torch.cuda.reset_peak_memory_stats(device)
-                seconds[name] += _timed(device, stepper)
+                rounds[name].append(_timed(device, stepper))
+                seconds[name] += rounds[name][-1]
                 if cuda:
                     step_bytes[name] = max(step_bytes[name],
                                            torch.cuda.max_memory_allocated(device) - before)
@@ -731,6 +753,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 paths[name]["step_gb_per_member"] = step_bytes[name] / 1e9 / members
             if name in profiles:
                 paths[name]["profile"] = profiles[name]
+            if rounds.get(name):
+                paths[name]["round_seconds"] = rounds[name]
             reference_rate = reference_rate or paths[name]["frame_steps_per_s"]
 
         # Evaluation throughput, on the runner's model (on CUDA a graph per frame step, as

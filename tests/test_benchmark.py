@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,6 +34,18 @@ def test_throughput_smoke_writes_json(tmp_path):
     assert result["paths"]["runner"]["frame_steps"] == 2 * clip_steps
     assert result["paths"]["packed"]["frame_steps"] == 2 * 2 * clip_steps
     assert result["paths"]["reference"]["speedup_vs_reference"] == 1.0
+    # Round by round: one step per path per round; the overall ratio is a weighted mean of
+    # the rounds' ratios, so it lies within their range.
+    from benchmarks.throughput import round_ratios
+
+    spread = round_ratios(result)
+    assert set(spread) == {"runner", "packed"}
+    for key, ratios in spread.items():
+        path = result["paths"][key]
+        assert len(path["round_seconds"]) == 2
+        assert sum(path["round_seconds"]) == pytest.approx(path["seconds"])
+        assert min(ratios) - 1e-9 <= path["speedup_vs_reference"] <= max(ratios) + 1e-9
+    assert "x (a) round by round (2 rounds): (b) " in completed.stdout
     assert result["eval"]["frames"] == 64 and result["eval"]["frames_per_s"] > 0
     # --kernels: each path's costliest operators, convolutions among them, shares summing <= 1
     for path in result["paths"].values():
