@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -140,7 +141,8 @@ class _NativeBatchNorm2d(nn.BatchNorm2d):
 class _PointwiseConv2d(nn.Conv2d):
     """A 1x1 convolution as a matrix product over channels. Under vmap a convolution over
     stacked weights becomes one grouped convolution (groups = K); this becomes one batched
-    GEMM over the members instead. Same parameters, same result."""
+    GEMM over the members instead. Same parameters, same result (in the convolution's
+    precision: ``matmuls_as_precise_as_convolutions``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.matmul(x.movedim(1, -1), self.weight.flatten(1).t())  # (B, H, W, O)
@@ -167,6 +169,24 @@ class _UnfoldConv2d(nn.Conv2d):
         if self.bias is not None:
             out = out + self.bias[:, None]
         return out.unflatten(-1, (out_h, out_w))
+
+
+@contextmanager
+def matmuls_as_precise_as_convolutions(device: torch.device) -> Iterator[None]:
+    """On CUDA, matrix products in TF32 exactly when cuDNN's convolutions are. Torch's
+    defaults differ (convolutions may use TF32, matrix products may not), so without this the
+    convolutions that ``_PointwiseConv2d`` and ``_UnfoldConv2d`` compute as matrix products
+    would run in full FP32, slower than, and not the same computation as, the convolution they
+    stand for. Elsewhere nothing changes. The setting is restored on exit."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 ConvImpl = Literal["auto", "grouped", "matmul_1x1", "matmul"]
@@ -281,13 +301,15 @@ class _PackedForwardBackward:
         def member(p, b, *args):
             return functional_call(self.shell, (p, b), args, options)
 
-        # The forward only; no weight cache under graphs (it cannot outlive a replay).
-        with autocast(frames.device, self.autocast_dtype, cache=self.autocast_cache):
-            values = vmap(member)(params, self.buffers, frames, labels, eps, beta,
-                                  teacher_forcing, sigmoid)  # (K, 3): loss, mse, kl
         flat = [param for member_params in self.params for param in member_params]
-        # Members are independent: d(sum of losses)/d theta_k = d loss_k / d theta_k.
-        grads = torch.autograd.grad(values[:, 0].sum(), flat, allow_unused=True)
+        with matmuls_as_precise_as_convolutions(frames.device):  # forward and backward
+            # Autocast for the forward only; no weight cache under graphs (it cannot outlive
+            # a replay).
+            with autocast(frames.device, self.autocast_dtype, cache=self.autocast_cache):
+                values = vmap(member)(params, self.buffers, frames, labels, eps, beta,
+                                      teacher_forcing, sigmoid)  # (K, 3): loss, mse, kl
+            # Members are independent: d(sum of losses)/d theta_k = d loss_k / d theta_k.
+            grads = torch.autograd.grad(values[:, 0].sum(), flat, allow_unused=True)
         return values.detach(), grads
 
 

@@ -306,3 +306,66 @@ def test_packed_batch_norm_bypasses_cudnn(monkeypatch):
     PackedTrainer(states, configs).train_epoch(clips, labels)
     assert seen and not any(seen)  # the label encoder's BatchNorm, every batch, cuDNN off
     assert torch.backends.cudnn.enabled
+
+
+@pytest.mark.parametrize("cudnn_tf32", [True, False])
+def test_matmuls_follow_the_convolutions_precision_on_cuda(monkeypatch, cudnn_tf32):
+    """On CUDA the packed step's matrix products (convolutions computed as GEMMs) may use TF32
+    exactly when cuDNN's convolutions may; the setting comes back afterwards, and a CPU step
+    leaves it alone. Only flags are touched, so this runs without a GPU."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", cudnn_tf32)
+    matmul = torch.backends.cuda.matmul  # its flags are properties: set and restored by hand
+    saved = matmul.allow_tf32
+    matmul.allow_tf32 = not cudnn_tf32
+    try:
+        with cvae.packed.matmuls_as_precise_as_convolutions(torch.device("cuda")):
+            assert matmul.allow_tf32 is cudnn_tf32
+        assert matmul.allow_tf32 is (not cudnn_tf32)
+        with cvae.packed.matmuls_as_precise_as_convolutions(torch.device("cpu")):
+            assert matmul.allow_tf32 is (not cudnn_tf32)
+    finally:
+        matmul.allow_tf32 = saved
+
+
+def test_packed_forward_and_backward_run_in_the_convolutions_precision(monkeypatch):
+    """Both the GEMM-form convolutions of the forward and the gradients (whose matrix
+    products autograd runs in the backward) happen inside that setting."""
+    inside, seen = [False], {"forward": [], "backward": []}
+    real_context = cvae.packed.matmuls_as_precise_as_convolutions
+    devices = []
+
+    def spy(device):
+        devices.append(device)
+
+        class Context:
+            def __enter__(self):
+                self.real = real_context(device)
+                self.real.__enter__()
+                inside[0] = True
+
+            def __exit__(self, *exc):
+                inside[0] = False
+                return self.real.__exit__(*exc)
+
+        return Context()
+
+    real_pointwise = cvae.packed._PointwiseConv2d.forward
+    real_grad = torch.autograd.grad
+
+    def pointwise(self, x):
+        seen["forward"].append(inside[0])
+        return real_pointwise(self, x)
+
+    def grad(*args, **kwargs):
+        seen["backward"].append(inside[0])
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(cvae.packed, "matmuls_as_precise_as_convolutions", spy)
+    monkeypatch.setattr(cvae.packed._PointwiseConv2d, "forward", pointwise)
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    clips, labels, _, _ = _data()
+    trainer = PackedTrainer(*_states(), convolutions="matmul_1x1")
+    trainer.train_epoch(clips, labels)
+    assert devices and all(d.type == "cpu" for d in devices)
+    assert seen["forward"] and all(seen["forward"])
+    assert seen["backward"] and all(seen["backward"])
