@@ -177,12 +177,20 @@ def matmuls_as_precise_as_convolutions(device: torch.device) -> Iterator[None]:
     defaults differ (convolutions may use TF32, matrix products may not), so without this the
     convolutions that ``_PointwiseConv2d`` and ``_UnfoldConv2d`` compute as matrix products
     would run in full FP32, slower than, and not the same computation as, the convolution they
-    stand for. Elsewhere nothing changes. The setting is restored on exit."""
-    if device.type != "cuda":
+    stand for. Elsewhere nothing changes. The setting is restored on exit. Where TF32 was set
+    through torch's newer per-operator API (``fp32_precision``), which torch will not mix with
+    these flags, that choice stands as it is."""
+    saved = None
+    if device.type == "cuda":
+        try:
+            saved = torch.backends.cuda.matmul.allow_tf32
+            wanted = torch.backends.cudnn.allow_tf32
+        except RuntimeError:  # "mix of the legacy and new APIs": leave the user's setting
+            saved = None
+    if saved is None:
         yield
         return
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = wanted
     try:
         yield
     finally:

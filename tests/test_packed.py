@@ -369,3 +369,18 @@ def test_packed_forward_and_backward_run_in_the_convolutions_precision(monkeypat
     assert devices and all(d.type == "cpu" for d in devices)
     assert seen["forward"] and all(seen["forward"])
     assert seen["backward"] and all(seen["backward"])
+
+
+def test_tf32_set_through_the_new_api_stands():
+    """A TF32 choice made with torch's per-operator ``fp32_precision`` API, which torch will
+    not mix with the ``allow_tf32`` flags, is left as it is (and raises nothing)."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        with cvae.packed.matmuls_as_precise_as_convolutions(torch.device("cuda")):
+            assert matmul.fp32_precision == "tf32"
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = saved
+    assert matmul.fp32_precision == saved
