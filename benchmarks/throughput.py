@@ -66,7 +66,12 @@ from torchvision import transforms
 from cvae.host import reuse_freed_host_memory
 from cvae.losses import kl_standard_normal, reconstruction_mse
 from cvae.model import VideoCVAE, reparameterize
-from cvae.packed import CONV_IMPLS, PackedTrainer, resolve_convolutions
+from cvae.packed import (
+    CONV_IMPLS,
+    PackedTrainer,
+    convolutions_may_use_tf32,
+    resolve_convolutions,
+)
 from cvae.schedules import ConstantKL, CyclicalKL, MonotonicKL, TeacherForcing
 from cvae.train import (
     FitConfig,
@@ -432,7 +437,7 @@ def _peaks(device: torch.device) -> tuple[dict[str, float], str]:
     name = torch.cuda.get_device_name(device)
     for key, peaks in PEAKS.items():
         if all(word in name for word in key.split()):
-            tf32 = torch.backends.cudnn.allow_tf32
+            tf32 = convolutions_may_use_tf32()
             basis = {"bf16": peaks["bf16"], "fp32": peaks["tf32" if tf32 else "fp32"]}
             fp32 = (f"fp32 paths: cuDNN may use TF32, dense TF32 {peaks['tf32'] / 1e12:.1f}"
                     if tf32 else f"fp32 paths: TF32 off, FP32 {peaks['fp32'] / 1e12:.1f}")

@@ -171,26 +171,40 @@ class _UnfoldConv2d(nn.Conv2d):
         return out.unflatten(-1, (out_h, out_w))
 
 
+def convolutions_may_use_tf32() -> bool:
+    """Whether cuDNN's fp32 convolutions may use TF32. Through the ``allow_tf32`` flag; where
+    TF32 was set per operator with torch's newer ``fp32_precision`` settings in a way the flag
+    cannot express (torch then refuses to read it), from the convolutions' own setting, or
+    the first level above it that has one."""
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # "mix of the legacy and new APIs"
+        for level in (torch.backends.cudnn.conv, torch.backends.cudnn, torch.backends):
+            precision = getattr(level, "fp32_precision", "none")
+            if precision != "none":
+                return precision == "tf32"
+        return False
+
+
 @contextmanager
 def matmuls_as_precise_as_convolutions(device: torch.device) -> Iterator[None]:
     """On CUDA, matrix products in TF32 exactly when cuDNN's convolutions are. Torch's
     defaults differ (convolutions may use TF32, matrix products may not), so without this the
     convolutions that ``_PointwiseConv2d`` and ``_UnfoldConv2d`` compute as matrix products
     would run in full FP32, slower than, and not the same computation as, the convolution they
-    stand for. Elsewhere nothing changes. The setting is restored on exit. Where TF32 was set
-    through torch's newer per-operator API (``fp32_precision``), which torch will not mix with
-    these flags, that choice stands as it is."""
+    stand for. Elsewhere nothing changes. The setting is restored on exit. Where matrix
+    products' TF32 was set through torch's newer ``fp32_precision`` API, which torch will not
+    mix with the ``allow_tf32`` flag, that choice stands as it is."""
     saved = None
     if device.type == "cuda":
         try:
             saved = torch.backends.cuda.matmul.allow_tf32
-            wanted = torch.backends.cudnn.allow_tf32
         except RuntimeError:  # "mix of the legacy and new APIs": leave the user's setting
             saved = None
     if saved is None:
         yield
         return
-    torch.backends.cuda.matmul.allow_tf32 = wanted
+    torch.backends.cuda.matmul.allow_tf32 = convolutions_may_use_tf32()
     try:
         yield
     finally:

@@ -384,3 +384,26 @@ def test_tf32_set_through_the_new_api_stands():
     finally:
         matmul.fp32_precision = saved
     assert matmul.fp32_precision == saved
+
+
+@pytest.mark.parametrize("conv_precision", ["tf32", "ieee"])
+def test_convolution_tf32_is_read_through_either_api(conv_precision):
+    """Set per operator so that the ``allow_tf32`` flag cannot say it (cuDNN's RNNs and
+    convolutions differ: torch refuses to read the flag), the convolutions' own setting
+    answers; the packed GEMMs follow it."""
+    cudnn = torch.backends.cudnn
+    saved = cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision
+    matmul = torch.backends.cuda.matmul
+    saved_matmul = matmul.allow_tf32
+    try:
+        cudnn.conv.fp32_precision = conv_precision
+        cudnn.rnn.fp32_precision = "ieee" if conv_precision == "tf32" else "tf32"
+        with pytest.raises(RuntimeError):
+            _ = cudnn.allow_tf32
+        assert cvae.packed.convolutions_may_use_tf32() is (conv_precision == "tf32")
+        with cvae.packed.matmuls_as_precise_as_convolutions(torch.device("cuda")):
+            assert matmul.allow_tf32 is (conv_precision == "tf32")
+        assert matmul.allow_tf32 is saved_matmul
+    finally:
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved
+    assert cudnn.allow_tf32 is True  # torch's default state is back
