@@ -2,8 +2,9 @@
 # The GPU checks, in one go (about 7 minutes on an H100): the CUDA tests (real CUDA graphs
 # against eager CUDA training), the throughput benchmark at the lab's size with a 15-member
 # pack (CUDA graphs and eager, fp32 and bf16, grouped convolutions and 1x1 ones as GEMMs,
-# graphed single runs on streams, peak memory, kernel profiles), and a real study on CUDA
-# through MLflow with its 15 members packed; GPU_CHECK_COMPILE=1 adds torch.compile on the
+# graphed single runs on streams, peak memory, kernel profiles), a real study on CUDA
+# through MLflow with its 15 members packed, and the pack with every dense convolution as a
+# GEMM; GPU_CHECK_COMPILE=1 adds torch.compile on the
 # single run. Results go to OUT (default ./gpu-check).
 #
 #     bash scripts/gpu_check.sh [OUT]
@@ -43,6 +44,10 @@ step bench_k15 300 "$python" -m benchmarks.throughput --device cuda --profile fu
     --members 15 --steps 6 --bf16 --kernels --packed-convs grouped,matmul_1x1 --concurrent \
     --out "$out/bench_k15.json"
 step study_cuda 90 "$python" -m studies.kl_ablation --profile smoke --seeds 0 1 2 3 4
+# Last, so that it cannot crowd out the rows above: every dense convolution as a GEMM
+# (3x3 ones through im2col), against cuDNN's grouped kernels that bound the graphed pack.
+step bench_k15_matmul 90 "$python" -m benchmarks.throughput --device cuda --profile full \
+    --members 15 --steps 4 --packed-convs matmul --out "$out/bench_k15_matmul.json"
 if [ -n "${GPU_CHECK_COMPILE:-}" ]; then
     step bench_compile 100 "$python" -m benchmarks.throughput --device cuda --profile full \
         --members 1 --steps 10 --compile --out "$out/bench_compile.json"
