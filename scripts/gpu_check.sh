@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks, in one go (within about 10 minutes: its steps' time limits add up to 9.5): the CUDA tests (real CUDA graphs
-# against eager CUDA training), the throughput benchmark at the lab's size with a 15-member
+# The GPU checks, in one go (within about 10 minutes: its steps' time limits add up to 9.5):
+# the CUDA tests (real CUDA graphs against eager CUDA training), the throughput benchmark at the lab's size with a 15-member
 # pack (CUDA graphs and eager, fp32 and bf16, grouped convolutions and 1x1 ones as GEMMs,
 # graphed single runs on streams, peak memory, kernel profiles), a real study on CUDA
 # through MLflow with its 15 members packed, and the pack with every dense convolution as a
