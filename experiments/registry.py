@@ -260,35 +260,44 @@ def default_profile(device: str) -> str:
     return "full" if device == "cuda" else "cpu"
 
 
-def rescale_time(spec: ExperimentSpec, epochs: int) -> ExperimentSpec:
+def rescale_time(spec: ExperimentSpec, epochs: int,
+                 keep: Collection[str] = ()) -> ExperimentSpec:
     """Set ``train.epochs`` and keep every epoch-indexed schedule's shape over the run.
 
-    With s = epochs / spec epochs: KL cycles keep their length in epochs (cycles * s, but
-    at least 2 when the spec has several, so a cyclical arm never turns into a monotonic one), teacher forcing starts decaying at the same fraction of training and decays as
-    fast per fraction (decay_start * s, decay_step / s), LR milestones scale by s.
-    Per-iteration KL schedules need nothing: they already follow the run's length.
+    With s = epochs / spec epochs: the number of KL cycles scales with the run (cycles * s,
+    so each keeps its length in epochs, but at least 2 when the spec has several, so a
+    cyclical arm never turns into a monotonic one), teacher forcing starts decaying at the
+    same fraction of training and decays as fast per fraction (decay_start * s,
+    decay_step / s), LR milestones scale by s. Per-iteration KL schedules need nothing: they
+    already follow the run's length. A key in ``keep`` (``kl.cycles``,
+    ``teacher_forcing.decay_start``, ``teacher_forcing.decay_step``,
+    ``lr_schedule.milestones``: chosen by the user) keeps its value.
     """
     if epochs == spec.train.epochs:
         return spec
     s = epochs / spec.train.epochs
     kl = spec.kl
-    if isinstance(kl, CyclicalKL) and kl.per == "epoch":
+    if isinstance(kl, CyclicalKL) and kl.per == "epoch" and "kl.cycles" not in keep:
         # At least two cycles if the spec has several: one cycle would make it monotonic.
         kl = replace(kl, cycles=max(min(kl.cycles, 2), round(kl.cycles * s)))
     tf = spec.teacher_forcing
-    tf = replace(tf, decay_start=round(tf.decay_start * s),
-                 decay_step=min(1.0, tf.decay_step / s))
+    if "teacher_forcing.decay_start" not in keep:
+        tf = replace(tf, decay_start=round(tf.decay_start * s))
+    if "teacher_forcing.decay_step" not in keep:
+        tf = replace(tf, decay_step=min(1.0, tf.decay_step / s))
     lr = spec.lr_schedule
-    lr = replace(lr, milestones=tuple(sorted({max(1, round(m * s)) for m in lr.milestones})))
+    if "lr_schedule.milestones" not in keep:
+        lr = replace(lr, milestones=tuple(sorted({max(1, round(m * s))
+                                                  for m in lr.milestones})))
     return replace(spec, kl=kl, teacher_forcing=tf, lr_schedule=lr,
                    train=replace(spec.train, epochs=epochs))
 
 
 def apply_profile(spec: ExperimentSpec, profile: str, *, epochs: int | None = None,
                   keep: Collection[str] = ()) -> ExperimentSpec:
-    """The spec as it runs under ``profile`` (``epochs`` overrides the profile's cap); the
-    profile's learning rate applies unless ``"optim.lr"`` is in ``keep`` (chosen explicitly:
-    ``--set``, a spec file, a tuned value)."""
+    """The spec as it runs under ``profile`` (``epochs`` overrides the profile's cap). ``keep``:
+    the keys chosen explicitly (``--set``, a spec file, a tuned value); the profile's
+    learning rate and the rescaled schedules (``rescale_time``) leave them as they are."""
     if profile not in PROFILE_SETTINGS:
         raise SpecError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
     settings = PROFILE_SETTINGS[profile]
@@ -300,7 +309,7 @@ def apply_profile(spec: ExperimentSpec, profile: str, *, epochs: int | None = No
         min(spec.train.epochs, settings.epochs) if settings.epochs else spec.train.epochs)
     if target < 1:
         raise SpecError(f"--epochs={target} must be >= 1")
-    spec = rescale_time(spec, target)
+    spec = rescale_time(spec, target, keep)
     if settings.eval_every:
         spec = replace(spec, eval=replace(spec.eval, every=min(settings.eval_every, target)))
     return spec

@@ -176,3 +176,26 @@ def test_short_profiles_keep_cyclical_distinct_from_monotonic():
         cyc_betas = [kl_beta(cyc.kl, epoch=e, epochs=epochs) for e in range(epochs)]
         mono_betas = [kl_beta(mono.kl, epoch=e, epochs=epochs) for e in range(epochs)]
         assert cyc_betas != mono_betas, profile
+
+
+def test_profile_keeps_schedule_values_the_user_chose(tmp_path):
+    """A profile rescales epoch-indexed schedules to its shorter run, except the values the
+    user set (--set, a spec file): those run as written, as a chosen lr does."""
+    from experiments.__main__ import resolved
+
+    chosen = ["kl.cycles=4", "teacher_forcing.decay_start=3",
+              "teacher_forcing.decay_step=0.25", "lr_schedule.milestones=[2, 6]"]
+    spec = resolved("tfr_decay", chosen, "cpu", None)
+    assert spec.kl.cycles == 4
+    assert (spec.teacher_forcing.decay_start, spec.teacher_forcing.decay_step) == (3, 0.25)
+    assert spec.lr_schedule.milestones == (2, 6)
+    rescaled = resolved("tfr_decay", [], "cpu", None)  # what the profile does by itself
+    full = SPECS["tfr_decay"]
+    assert rescaled.kl.cycles != 4 and rescaled.lr_schedule.milestones != (2, 6)
+    assert rescaled.teacher_forcing.decay_start == round(
+        full.teacher_forcing.decay_start * rescaled.train.epochs / full.train.epochs)
+    path = tmp_path / "mine.toml"
+    path.write_text('base = "tfr_decay"\n[kl]\ncycles = 3\n[teacher_forcing]\ndecay_start = 2\n')
+    from_file = resolved(str(path), [], "cpu", None)
+    assert (from_file.kl.cycles, from_file.teacher_forcing.decay_start) == (3, 2)
+    assert from_file.teacher_forcing.decay_step == rescaled.teacher_forcing.decay_step
