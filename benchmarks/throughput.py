@@ -82,6 +82,8 @@ from cvae.train import (
     step_graphs,
     train_epoch,
 )
+from experiments.cli import writable_folder
+from experiments.spec import SpecError
 
 
 @dataclass(frozen=True)
@@ -846,7 +848,8 @@ def _convs_list(text: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile", choices=tuple(PROFILES), default="cpu")
@@ -887,13 +890,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--concurrent times CUDA streams: it needs --device cuda")
     if args.members < 1 or (args.steps is not None and args.steps < 1):
         parser.error("--members and --steps must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}: must be >= 1")
+    if args.out is not None:  # checked before the runs, so that their results are not lost
+        try:
+            writable_folder(args.out.parent or ".")
+        except SpecError as err:
+            parser.error(str(err))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     result = run(args)
     print(_table(result))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
     return result

@@ -12,7 +12,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from experiments.cli import add_common, guarded, resolve_profile_and_device
+from experiments.cli import add_common, guarded, resolve_profile_and_device, seed_arg
 from experiments.registry import (
     ABLATIONS,
     PROFILES,
@@ -23,7 +23,14 @@ from experiments.registry import (
     resolve_spec,
 )
 from experiments.runner import RunContext, run_experiment
-from experiments.spec import ExperimentSpec, apply_overrides, parse_set, spec_hash, to_json
+from experiments.spec import (
+    ExperimentSpec,
+    SpecError,
+    apply_overrides,
+    parse_set,
+    spec_hash,
+    to_json,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_run = sub.add_parser("run", help="train and record runs in MLflow")
     p_run.add_argument("spec", help="a registered name or a .toml file")
-    p_run.add_argument("--seeds", type=int, nargs="+", default=[0], help="default: 0")
+    p_run.add_argument("--seeds", type=seed_arg, nargs="+", default=[0], help="default: 0")
     p_run.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a field, e.g. optim.lr=3e-4")
     p_run.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
@@ -73,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "list":
         names = list_specs(args.pattern)
+        if not names:
+            raise SpecError(f"no registered spec matches {args.pattern!r}; registered: "
+                            f"{', '.join(list_specs())}")
         width = max((len(n) for n in names), default=0)
         for name in names:
             print(f"{name:<{width}}  {SPECS[name].description}")

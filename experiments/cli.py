@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from cvae.data import DatasetError
 from experiments import tracking
@@ -19,6 +21,31 @@ USER_ERRORS = (SpecError, DatasetError, tracking.TrackingError)
 def fail(message: str) -> int:
     print(f"error: {tracking.mask_secrets(message)}", file=sys.stderr)
     return 2
+
+
+def seed_arg(text: str) -> int:
+    """An argparse type: a seed is an integer >= 0 (-1 stands for "no seed" in reports)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: seeds are integers >= 0")
+    return value
+
+
+def writable_folder(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as a folder this process can write into (created if missing), checked before
+    any work whose results would go there; else a one-line ``SpecError``."""
+    folder = Path(path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecError(f"{flag} {path}: cannot create the folder "
+                        f"({err.strerror or err})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SpecError(f"{flag} {path}: the folder is not writable")
+    return folder
 
 
 def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:

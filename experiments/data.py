@@ -27,7 +27,8 @@ def dataset_root(spec: DataSpec, profile: str) -> Path:
                                 height=spec.height, width=spec.width)
     root = Path(spec.source).expanduser()
     if not root.is_dir():
-        raise DatasetError(f"dataset folder {root} does not exist (expected the lab layout: "
+        problem = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DatasetError(f"dataset folder {root} {problem} (expected the lab layout: "
                            "train/train_img, train/train_label, val/val_img, val/val_label)")
     return root
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from cvae.train import NonFiniteLossError
 from experiments import tracking
-from experiments.cli import add_common, fail, guarded, resolve_profile_and_device
+from experiments.cli import add_common, fail, guarded, resolve_profile_and_device, seed_arg
 from experiments.registry import Ablation, Arm, apply_profile, get_ablation
 from experiments.runner import RunContext, RunOutcome, run_experiment
 from experiments.spec import ExperimentSpec, SpecError, spec_hash
@@ -504,7 +504,7 @@ def build_parser(study: Study, prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=study.doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     names = [a.name for a in get_ablation(study.ablation).arms]
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(study.default_seeds),
+    parser.add_argument("--seeds", type=seed_arg, nargs="+", default=list(study.default_seeds),
                         help=f"seeds per arm (default: {' '.join(map(str, study.default_seeds))})")
     parser.add_argument("--arms", nargs="+", default=None, metavar="ARM",
                         help=f"a subset of the arms (default: all: {' '.join(names)})")

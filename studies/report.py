@@ -238,11 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     from experiments import tracking
-    from experiments.cli import fail
+    from experiments.cli import fail, writable_folder
 
     args = build_parser().parse_args(argv)
     if args.parent and not args.study:
         return fail("--parent needs --study")
+    if args.out is not None:
+        writable_folder(args.out)
     client = client_or_default()
     if args.study:
         studies = [args.study]

@@ -166,7 +166,29 @@ def finished_children(client: Any, study: str, parent_run_id: str | None = None)
         key = (spec, _seed(run))
         if key not in newest or run.info.start_time > newest[key].info.start_time:
             newest[key] = run
-    return sorted(newest.values(), key=lambda r: (r.data.tags.get("arm", ""), _seed(r)))
+    runs = list(newest.values())
+    _label_configurations(runs)
+    return sorted(runs, key=lambda r: (r.data.tags.get("arm", ""), _seed(r)))
+
+
+def _label_configurations(runs: Sequence[Any]) -> None:
+    """Give an arm whose runs hold several configurations (spec hashes) one label per
+    configuration, ``arm@hash``, in the runs' tags as loaded (not in the store), so that
+    runs with different settings are never pooled as seeds of one arm. A study's parent
+    holds one configuration per arm; runs filed without one can hold several:
+    ``experiments run`` with different ``--set``, or the trials of a tuning study."""
+    hashes: dict[str, set[str]] = {}
+    for run in runs:
+        if "arm" in run.data.tags:
+            hashes.setdefault(run.data.tags["arm"], set()).add(run.data.tags.get("spec_hash", ""))
+    for run in runs:
+        tags = run.data.tags
+        arm = tags.get("arm")
+        if arm is not None and len(hashes[arm]) > 1:
+            label = f"{arm}@{tags.get('spec_hash', '')[:8] or 'unknown'}"
+            if tags.get("group", arm) == arm:
+                tags["group"] = label
+            tags["arm"] = label
 
 
 def _seed(run: Any) -> int:
@@ -289,10 +311,19 @@ def prediction_arrays(client: Any, run_id: str, workdir: str | Path) -> tuple[np
 def resolve_parent(client: Any, study: str, parent_run_id: str | None = None) -> Any | None:
     """The given parent run, or the study's most recently used one (None if it has none)."""
     if parent_run_id is not None:
-        run = client.get_run(parent_run_id)
-        if not is_parent(run) or run.data.tags.get("study") != study:
-            from experiments.spec import SpecError
+        from mlflow.exceptions import MlflowException
 
+        from experiments import tracking
+        from experiments.spec import SpecError
+
+        try:
+            run = client.get_run(parent_run_id)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise  # an unreachable store is not the run's fault
+            raise SpecError(f"--parent {parent_run_id}: no such run in "
+                            f"{tracking.mask_secrets(tracking.tracking_uri())}") from None
+        if not is_parent(run) or run.data.tags.get("study") != study:
             raise SpecError(f"run {parent_run_id} is not a parent run of study {study!r}")
         return run
     parents = find_parents(client, study)

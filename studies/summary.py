@@ -194,16 +194,23 @@ def summarize(metrics: pd.DataFrame, *, reference: str, by: str = "arm",
 # ---------------------------------------------------------------------------------------------
 # Markdown
 # ---------------------------------------------------------------------------------------------
+def _rounded(x: float, digits: int) -> float:
+    """``x`` rounded for printing, without a sign on zero: -0.001 prints as 0.00, not -0.00."""
+    return round(x, digits) + 0.0
+
+
 def _num(x: float, digits: int = 2) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{_rounded(x, digits):.{digits}f}"
 
 
 def _ci(low: float, high: float) -> str:
-    return "n/a" if math.isnan(low) else f"[{low:.2f}, {high:.2f}]"
+    return "n/a" if math.isnan(low) else f"[{_num(low)}, {_num(high)}]"
 
 
 def _signed(x: float) -> str:
-    return "n/a" if math.isnan(x) else f"{x:+.2f}"
+    return "n/a" if math.isnan(x) else f"{_rounded(x, 2):+.2f}"
 
 
 def to_markdown(table: pd.DataFrame, *, reference: str, confidence: float = CONFIDENCE) -> str:

@@ -118,6 +118,9 @@ CASES = [
     # data (loaded before any run exists)
     ("missing dataset folder", _argv(*RUN, *SMOKE, "--data", "/no/such/lab"),
      ["/no/such/lab", "does not exist"]),
+    ("dataset is a file", lambda tmp: [*RUN, *SMOKE, "--data", str(lab_dataset(tmp / "lab")
+                                                                   / "train/train_img/0.png")],
+     ["0.png is a file, not a folder"]),
     ("label names differ", _data(_renamed_label), ["train_label", "first differing file"]),
     ("label count differs", _data(_missing_label), ["15 labels for 16 frames"]),
     ("corrupt PNG", _data(_corrupt), ["train_img/3.png", "unreadable image"]),
@@ -136,6 +139,11 @@ CASES = [
     ("ratio above 1", _argv(*RUN, *SMOKE, "--set", "kl.ratio=1.5"), ["kl.ratio=1.5"]),
     ("cycles 0", _argv(*RUN, *SMOKE, "--set", "kl.cycles=0"), ["kl.cycles=0"]),
     ("epochs 0", _argv(*RUN, "--profile", "smoke", "--epochs", "0"), ["--epochs=0"]),
+    ("negative seed", _argv(*RUN, *SMOKE, "--seeds", "0", "-1"), ["--seeds", "-1", ">= 0"]),
+    ("study: negative seed", _argv("studies.kl_ablation", *SMOKE, "--seeds", "-2"),
+     ["--seeds", "-2", ">= 0"]),
+    ("no spec matches the pattern", _argv("experiments", "list", "zzz*"),
+     ["no registered spec matches 'zzz*'", "kl_cyclical"]),
     ("unknown profile", _argv(*RUN, "--profile", "tiny"),
      ["invalid choice: 'tiny'", "smoke", "cpu", "full"]),
     ("TOML key typo", _toml('base = "kl_cyclical"\n[optim]\nlrr = 1e-4\n'),
@@ -175,6 +183,18 @@ CASES = [
      ["no study 'q'", "coordinate"]),
     ("queue: grace not above heartbeat", _queue("worker", "--heartbeat", "5", "--grace", "5"),
      ["--grace 5 must exceed --heartbeat 5"]),
+    # reports and the benchmark: checked before any work
+    ("report: --out not writable", _argv("studies.report", "--study", "runs", "--out",
+                                         "/proc/no-such-folder"),
+     ["--out /proc/no-such-folder", "cannot create"]),
+    ("report: unknown --parent", _argv("studies.report", "--study", "runs", "--parent",
+                                       "0123456789abcdef"),
+     ["--parent 0123456789abcdef", "no such run"]),
+    ("benchmark: --out not writable", _argv("benchmarks.throughput", "--profile", "smoke",
+                                            "--out", "/proc/no-such-folder/bench.json"),
+     ["--out /proc/no-such-folder", "cannot create"]),
+    ("benchmark: --threads 0", _argv("benchmarks.throughput", "--threads", "0"),
+     ["--threads 0", ">= 1"]),
 ]
 
 

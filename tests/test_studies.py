@@ -254,3 +254,25 @@ def test_sigterm_on_a_parallel_study_leaves_nothing_running_and_it_resumes(track
     for run in children2:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
         assert sorted(steps) == [0, 1, 2, 3]
+
+
+def test_runs_of_one_arm_with_different_settings_are_not_pooled_as_seeds(tracking_store):
+    """Runs filed without a study's parent (``experiments run`` with different ``--set``,
+    tuning trials) may hold several configurations of one arm: each is its own group
+    (``arm@hash``), never seeds of one, and runs of one configuration still pool."""
+    client = MlflowClient()
+    experiment = client.create_experiment("runs")
+    for seed, spec, psnr in ((0, "aaaaaaaa1111", 20.0), (1, "aaaaaaaa1111", 21.0),
+                             (0, "bbbbbbbb2222", 9.0), (0, "cccccccc3333", 30.0)):
+        arm = "report_final" if spec != "cccccccc3333" else "kl_constant"
+        run = client.create_run(experiment, tags={"study": "runs", "arm": arm,
+                                                  "seed": str(seed), "spec_hash": spec})
+        client.log_metric(run.info.run_id, "val/psnr", psnr, step=0)
+        client.set_terminated(run.info.run_id)
+    results = load_study("runs", per_frame=False)
+    assert sorted(results.meta.arms) == ["kl_constant", "report_final@aaaaaaaa",
+                                         "report_final@bbbbbbbb"]
+    seeds = results.metrics.groupby("arm")["seed"].apply(sorted).to_dict()
+    assert seeds == {"kl_constant": [0], "report_final@aaaaaaaa": [0, 1],
+                     "report_final@bbbbbbbb": [0]}
+    assert set(results.metrics["group"]) == set(results.metrics["arm"])

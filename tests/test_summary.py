@@ -122,3 +122,10 @@ def test_per_run_and_summarize_by_hand():
 
     text = summary.to_markdown(table, reference="ref")
     assert text.count("\n") == 3 and "`new`" in text and "18.00 ± 1.41" in text
+
+
+def test_markdown_numbers_print_no_negative_zero():
+    from studies.summary import _ci, _num, _signed
+
+    assert (_num(-0.001), _signed(-0.004), _ci(-0.002, 0.3)) == ("0.00", "+0.00", "[0.00, 0.30]")
+    assert (_num(-0.5), _signed(-0.006), _ci(-1.234, -0.004)) == ("-0.50", "-0.01", "[-1.23, 0.00]")
