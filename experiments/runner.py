@@ -125,6 +125,7 @@ class RunContext:
     experiment_id: str | None = None
     parent_run_id: str | None = None
     extra_tags: dict[str, str] = field(default_factory=dict)
+    label: str | None = None  # the run's name and progress label (default: ARM-sSEED)
 
 
 class _Progress:
@@ -254,7 +255,7 @@ def _prepare(client: Any, spec: ExperimentSpec, context: RunContext, device: str
     ``data`` None: loaded here, before any run exists (bad data creates no run)."""
     experiment_id = context.experiment_id or tracking.get_or_create_experiment(context.study)
     arm = context.arm or spec.name
-    label = f"{arm}-s{spec.seed}"
+    label = context.label or f"{arm}-s{spec.seed}"
     existing, action = _resume_point(client, experiment_id, spec)
     if action == "skip":
         print(f"[{label}] already finished as run {existing.info.run_id}; skipping", flush=True)

@@ -15,9 +15,10 @@ with the study's parent run, so workers need only the storage URL and the study 
     python -m studies.queue status --storage URL --study NAME
 
 URL is a database URL (``postgresql+psycopg2://user:pass@host:5432/optuna`` for several
-machines, ``sqlite:///mlruns/optuna.db``) or a journal file ending in ``.log`` (several
-processes on one machine; no heartbeats, so no automatic retry of a killed worker's pair).
-Passwords are masked in every message, tag and parameter.
+machines, ``sqlite:///mlruns/optuna.db``) or a journal file ending in ``.journal`` or ``.log``
+(several processes on one machine; no heartbeats, so no automatic retry of a killed worker's
+pair). Only ``coordinate`` creates a SQLite or journal file; ``worker`` and ``status`` refuse
+one that does not exist. Passwords are masked in every message, tag and parameter.
 """
 
 from __future__ import annotations
@@ -43,12 +44,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cvae.train import FitState, Hooks, NonFiniteLossError
 from experiments import tracking
-from experiments.cli import guarded
+from experiments.cli import guarded, seed_arg
 from experiments.registry import ABLATIONS, PROFILES, Ablation, get_ablation
 from experiments.runner import DEVICES, RunContext, pick_device, run_experiment
 from experiments.spec import ExperimentSpec, SpecError
 from studies.common import config_key, parent_run, resolve_arm, select_arms
 from studies.results import PARENT_ID_TAG
+from studies.tuning import check_storage_kind, is_journal
 
 # Arms and seeds are fixed params of enqueued trials; the distributions only name them.
 SEED_RANGE = (0, 2**31 - 1)
@@ -67,31 +69,33 @@ def say(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Storage
 # ---------------------------------------------------------------------------------------------
-def _is_journal(url: str) -> bool:
-    return "://" not in url and url.endswith(".log")
-
-
 def _check_url(url: str) -> None:
-    if _is_journal(url):
-        if not Path(url).expanduser().resolve().parent.is_dir():
-            raise SpecError(f"--storage {url}: the journal file's folder does not exist")
-        return
-    if "://" not in url:
-        raise SpecError(f"--storage {tracking.mask_secrets(url)!r} is neither a database URL "
-                        "(postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB, sqlite:///PATH) "
-                        "nor a journal file ending in .log")
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    check_storage_kind(url)
+    if not is_journal(url):
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
 
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError) as err:  # ValueError: a port that is not a number
-        raise SpecError(f"--storage {tracking.mask_secrets(url)!r} is not a valid database "
-                        f"URL ({_first_line(err)})") from None
+        try:
+            make_url(url)
+        except (ArgumentError, ValueError) as err:  # ValueError: a port that is not a number
+            raise SpecError(f"--storage {tracking.mask_secrets(url)!r} is not a valid database "
+                            f"URL ({_first_line(err)})") from None
+    path = _storage_file(url)
+    if path is not None and not path.resolve().parent.is_dir():
+        raise SpecError(f"--storage {url}: folder {path.resolve().parent} does not exist")
+
+
+def _storage_file(url: str) -> Path | None:
+    """The journal or SQLite file of a checked ``url``; None for a database server or an
+    in-memory SQLite database."""
+    if is_journal(url):
+        return Path(url).expanduser()
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        folder = Path(parsed.database).expanduser().resolve().parent
-        if not folder.is_dir():
-            raise SpecError(f"--storage {url}: folder {folder} does not exist")
+        return Path(parsed.database).expanduser()
+    return None
 
 
 @contextlib.contextmanager
@@ -133,7 +137,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
                  on_stale: Any | None = None) -> BaseStorage:
     """An Optuna storage for ``url``; heartbeats need a database (RDB) storage."""
     _check_url(url)
-    if _is_journal(url):
+    if is_journal(url):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         return JournalStorage(JournalFileBackend(str(Path(url).expanduser())))
@@ -141,6 +145,25 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
         return RDBStorage(url, engine_kwargs=_engine_kwargs(url),
                           heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                           heartbeat_stale_trial_callback=on_stale)
+
+
+def load_queue(url: str, study_name: str, **options: Any) -> tuple[optuna.Study, Plan]:
+    """The queue's study and its plan, for the commands that use a queue but never create one
+    (``worker``, ``status``): a SQLite or journal file that does not exist is an error, not
+    created, and so is a study that is not a queue; ``options`` go to ``open_storage``."""
+    _check_url(url)
+    nothing = f"no study {study_name!r} in {tracking.mask_secrets(url)}"
+    hint = "create it with `python -m studies.queue coordinate`"
+    path = _storage_file(url)
+    if path is not None and not path.is_file():
+        raise SpecError(f"{nothing} (no file {path}); {hint}")
+    storage = open_storage(url, **options)
+    with storage_errors(url):
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+        except KeyError:
+            raise SpecError(f"{nothing}; {hint}") from None
+        return study, Plan.from_study(study)
 
 
 @contextlib.contextmanager
@@ -151,13 +174,13 @@ def grid_lock(url: str) -> Iterator[None]:
     PostgreSQL: a session advisory lock; MySQL: ``GET_LOCK``; SQLite and journal files (one
     machine): ``flock`` on a file beside the database; in-memory SQLite: nothing to share.
     """
-    if _is_journal(url) or url.startswith("sqlite"):
-        path = url if _is_journal(url) else url.split("///", 1)[-1].split("?")[0]
-        if not path or path == ":memory:" or url == "sqlite://":
+    if is_journal(url) or url.startswith("sqlite"):
+        path = _storage_file(url)
+        if path is None:
             yield
             return
         # Not "<path>.lock": Optuna's journal file lock uses that name itself.
-        with open(f"{Path(path).expanduser()}.grid-lock", "a") as handle:
+        with open(f"{path}.grid-lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -216,8 +239,11 @@ class Plan:
         missing = [k for k in ("ablation", "profile", "experiment_id", "parent_run_id")
                    if k not in attrs]
         if missing:
-            raise SpecError(f"study {study.study_name!r} was not made by `python -m studies.queue "
-                            f"coordinate` (no {', '.join(missing)} in its user attrs)")
+            what = (f"it is a `python -m studies.tune` study of spec {attrs.get('spec')}, "
+                    f"profile {attrs.get('profile')}" if "search_space" in attrs
+                    else f"no {', '.join(missing)} in its user attrs")
+            raise SpecError(f"study {study.study_name!r} is not a work queue made by "
+                            f"`python -m studies.queue coordinate` ({what})")
         return cls(attrs["ablation"], attrs["profile"], attrs.get("epochs"), attrs.get("data"),
                    attrs["experiment_id"], attrs["parent_run_id"],
                    attrs.get("experiment", study.study_name))
@@ -266,6 +292,13 @@ def coordinate(storage_url: str, study_name: str, *, ablation: str, seeds: Seque
     for arm in abl.arms:  # every spec resolves (bad epochs, profile) before anything exists
         resolved_epochs = draft.spec(arm.name, seeds[0])[0].train.epochs
     _check_url(storage_url)
+    # A dataset folder is read here first, as the study commands do: bad data fails before
+    # anything exists, not in every worker (and the decoded cache is made once).
+    from experiments.data import load_data
+
+    for spec_data in {draft.spec(name, seeds[0])[0].data for name in chosen}:
+        if spec_data.source != "synthetic":
+            load_data(spec_data, profile)
     tracking.configure()
     wanted = {"ablation": ablation, "profile": profile, "epochs": epochs, "data": data}
     with grid_lock(storage_url):
@@ -513,19 +546,12 @@ def run_worker(storage_url: str, study_name: str, *, device: str | None = None,
 
         torch.set_num_threads(threads)
     me = f"{socket.gethostname()}:{os.getpid()}"
-    journal = _is_journal(storage_url)
+    journal = is_journal(storage_url)
     retry = LoggedRetry(me=me, max_retry=max_retry)
     beats = None if journal else heartbeat_interval
-    storage = open_storage(storage_url, heartbeat_interval=beats,
-                           grace_period=grace_period if beats else None,
-                           on_stale=retry if beats else None)
-    with storage_errors(storage_url):
-        try:
-            study = optuna.load_study(study_name=study_name, storage=storage)
-        except KeyError:
-            raise SpecError(f"no study {study_name!r} in {tracking.mask_secrets(storage_url)}; "
-                            "create it with `python -m studies.queue coordinate`") from None
-        stored = Plan.from_study(study)
+    study, stored = load_queue(storage_url, study_name, heartbeat_interval=beats,
+                               grace_period=grace_period if beats else None,
+                               on_stale=retry if beats else None)
     plan = Plan(ablation or stored.ablation, profile or stored.profile,
                 epochs if epochs is not None else stored.epochs, stored.data,
                 experiment_id or stored.experiment_id, parent_run_id or stored.parent_run_id,
@@ -656,13 +682,8 @@ def _tell(study: optuna.Study, trial: optuna.Trial, state: TrialState, me: str,
 # Status
 # ---------------------------------------------------------------------------------------------
 def status_table(storage_url: str, study_name: str) -> str:
-    storage = open_storage(storage_url)
+    study, _ = load_queue(storage_url, study_name)
     with storage_errors(storage_url):
-        try:
-            study = optuna.load_study(study_name=study_name, storage=storage)
-        except KeyError:
-            raise SpecError(f"no study {study_name!r} in "
-                            f"{tracking.mask_secrets(storage_url)}") from None
         lines = [f"{'trial':>5}  {'arm':<24} {'seed':>4}  {'state':<8} {'val/psnr':>8}  worker"]
         for t in study.get_trials(deepcopy=False):
             arm, seed = _pair(t) or ("?", -1)
@@ -702,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--storage", required=True, metavar="URL",
                        help="Optuna storage: postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB, "
-                            "sqlite:///PATH, or a journal file PATH.log")
+                            "sqlite:///PATH, or a journal file PATH.journal or PATH.log")
         p.add_argument("--study", required=True, metavar="NAME",
                        help="the Optuna study, also the MLflow experiment and `study` tag")
 
@@ -711,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p_coord)
     p_coord.add_argument("--ablation", required=True, choices=list(ABLATIONS),
                          help="which registered ablation")
-    p_coord.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    p_coord.add_argument("--seeds", type=seed_arg, nargs="+", default=[0, 1, 2],
                          help="default: 0 1 2")
     p_coord.add_argument("--profile", choices=PROFILES, default="cpu",
                          help="smoke | cpu | full (default: cpu)")

@@ -2,7 +2,7 @@
 MLflow run.
 
     python -m studies.tune [--spec NAME|FILE.toml] [--n-trials N] [--timeout S]
-                           [--storage URL|PATH.journal] [--study-name NAME]
+                           [--storage URL|PATH.journal|PATH.log] [--study-name NAME]
                            [--sampler tpe|qmc|random] [--pruner median|hyperband|none]
                            [--profile smoke|cpu|full] [--epochs E] [--workers K] [--seed S]
                            [--per-arm ABLATION [--rerun-seeds 0 1 2]]
@@ -17,9 +17,9 @@ changes the space). The objective is the final validation PSNR (maximized); prun
 their MLflow run KILLED, a non-finite loss fails the trial and the study goes on.
 
 - Storage (``--storage``): default ``sqlite:///mlruns/optuna.db`` (never MLflow's file); any
-  Optuna storage URL (PostgreSQL for several machines); a path ending in ``.journal`` is a
-  journal file (best for ``--workers`` on one machine). The study resumes when rerun with the
-  same name: ``--n-trials`` is its total, so only the missing trials run.
+  Optuna storage URL (PostgreSQL for several machines); a path ending in ``.journal`` or
+  ``.log`` is a journal file (best for ``--workers`` on one machine). The study resumes when
+  rerun with the same name: ``--n-trials`` is its total, so only the missing trials run.
 - ``--workers K``: K processes share the study; the Optuna study, the MLflow experiment and the
   parent run are created first, here, then the trials are split so exactly N run in all.
 - MLflow: experiment ``tune-<study>``, a parent run per Optuna study, a child run per trial
@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import tracking
-from experiments.cli import add_common, guarded, resolve_profile_and_device
+from experiments.cli import add_common, guarded, resolve_profile_and_device, seed_arg
 from experiments.registry import SPECS, Ablation, Arm, apply_profile, explicit_keys, get_ablation
 from experiments.spec import ExperimentSpec, SpecError, apply_overrides, flatten, spec_hash
 from studies import tuning
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "that the same command without --worker created: run trials "
                              "until it has --n-trials, log them under its parent run, no "
                              "report (the coordinating command writes it)")
-    parser.add_argument("--rerun-seeds", type=int, nargs="+", default=None, metavar="SEED",
+    parser.add_argument("--rerun-seeds", type=seed_arg, nargs="+", default=None, metavar="SEED",
                         help="rerun the best settings over these seeds (default with --per-arm: "
                              "0 1 2; otherwise no rerun)")
     add_common(parser)
@@ -359,42 +359,45 @@ def closest_registered(spec: ExperimentSpec) -> str:
     return min(SPECS, key=distance)
 
 
-def _load_data(spec: ExperimentSpec, profile: str, workers: int) -> Any:
-    if workers > 1:
-        return None  # each worker loads its own
+def _load_data(specs: list[ExperimentSpec], profile: str, workers: int) -> dict[Any, Any]:
+    """Each spec's data by its ``data`` field, read here first as the study commands do: bad
+    data fails before the storage, a study or a parent run exists (and the decoded cache is
+    made once). With ``workers`` > 1 the values are None: each worker loads its own."""
     from experiments.data import load_data
 
-    return load_data(spec.data, profile)
+    loaded = {}
+    for spec in specs:
+        if spec.data not in loaded:
+            loaded[spec.data] = load_data(spec.data, profile)
+    return {key: None if workers > 1 else value for key, value in loaded.items()}
 
 
 # ---------------------------------------------------------------------------------------------
 # Per arm
 # ---------------------------------------------------------------------------------------------
 def tune_per_arm(args: argparse.Namespace, ablation: Ablation, *, profile: str, device: str,
-                 storage: str) -> int:
+                 storage: str, data: dict[Any, Any]) -> int:
     """The playbook's protocol: same space, budget and sampler seed for every arm; then each
-    arm's best settings over ``--rerun-seeds``, compared like an ablation study."""
+    arm's best settings over ``--rerun-seeds``, compared like an ablation study (``data``:
+    ``_load_data`` of the arms)."""
     from studies.common import run_study
     from studies.report import report_study
 
     epochs = resolve(ablation.arms[0].spec, profile, args.epochs, args.data).train.epochs
     name = args.study_name or f"{ablation.name}-{profile}-{epochs}ep"
     results: list[StudyResult] = []
-    data_cache: dict[Any, Any] = {}
     for arm in ablation.arms:
         base = resolve(arm.spec, profile, args.epochs, args.data)
         space = tuning.search_space(base)
-        if base.data not in data_cache:
-            data_cache[base.data] = _load_data(base, profile, args.workers)
         job = tuning.StudyJob(study_name=f"{name}-{arm.name}", base=base, space=space,
                               storage=storage, sampler=args.sampler, pruner=args.pruner,
                               seed=args.seed, n_trials=args.n_trials, profile=profile,
                               device=device, experiment=f"tune-{name}", arm=arm.name,
                               group=arm.group, timeout=args.timeout)
         if args.worker:
-            serve_study(job, data=data_cache[base.data])
+            serve_study(job, data=data[base.data])
             continue
-        results.append(tune_study(job, workers=args.workers, data=data_cache[base.data],
+        results.append(tune_study(job, workers=args.workers, data=data[base.data],
                                   root=closest_registered(arm.spec)))
     if args.worker:
         return 0
@@ -467,6 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     ablation = get_ablation(args.per_arm) if args.per_arm else None
     spec, table = tuning.load_spec(args.spec or "report_final") if not ablation else (None, {})
     profile, device = resolve_profile_and_device(args)
+    if ablation is not None:
+        bases = [resolve(arm.spec, profile, args.epochs, args.data) for arm in ablation.arms]
+    else:
+        bases = [resolve(spec, profile, args.epochs, args.data,
+                         explicit_keys(args.spec or "report_final"))]
+    data = _load_data(bases, profile, args.workers)
     storage = tuning.storage_url(args.storage)
     tuning.open_storage(storage, heartbeat=False)  # a bad URL fails here, before any work
     tracking.configure()
@@ -475,10 +484,10 @@ def main(argv: list[str] | None = None) -> int:
               "(--storage mlruns/optuna.journal) or PostgreSQL", file=sys.stderr)
     started = time.monotonic()
     if ablation is not None:
-        code = tune_per_arm(args, ablation, profile=profile, device=device, storage=storage)
+        code = tune_per_arm(args, ablation, profile=profile, device=device, storage=storage,
+                            data=data)
     else:
-        base = resolve(spec, profile, args.epochs, args.data,
-                       explicit_keys(args.spec or "report_final"))
+        (base,) = bases
         space = tuning.search_space(base, table)
         name = args.study_name or f"{base.name}-{profile}-{base.train.epochs}ep"
         job = tuning.StudyJob(study_name=name, base=base, space=space, storage=storage,
@@ -487,10 +496,9 @@ def main(argv: list[str] | None = None) -> int:
                               experiment=f"tune-{name}", timeout=args.timeout)
         root = tuning.registered_root(args.spec or "report_final")
         if args.worker:
-            serve_study(job, data=_load_data(base, profile, 1))
+            serve_study(job, data=data[base.data])
             return 0
-        result = tune_study(job, workers=args.workers,
-                            data=_load_data(base, profile, args.workers), root=root)
+        result = tune_study(job, workers=args.workers, data=data[base.data], root=root)
         code = 1 if result.worker_failures or result.best is None else 0
         if result.best is not None and args.rerun_seeds:
             code = max(code, rerun_best(result, args.rerun_seeds))

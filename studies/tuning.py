@@ -51,6 +51,7 @@ from experiments.spec import ExperimentSpec, SpecError, apply_overrides, flatten
 OBJECTIVE = "val/psnr"
 TARGET_NAME = "final val/psnr (dB)"
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+JOURNAL_SUFFIXES: tuple[str, ...] = (".journal", ".log")  # --storage PATH: an Optuna journal file
 SAMPLERS: tuple[str, ...] = ("tpe", "qmc", "random")
 PRUNERS: tuple[str, ...] = ("median", "hyperband", "none")
 FINISHED: tuple[TrialState, ...] = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -350,7 +351,8 @@ class Objective:
             tracking.get_or_create_experiment(self.context.study)
         context = replace(self.context, experiment_id=experiment_id, extra_tags={
             **self.context.extra_tags, "trial": str(trial.number),
-            "optuna_study": self.study_name})
+            "optuna_study": self.study_name},
+            label=f"{self.context.arm or spec.name}-trial{trial.number}")
         try:
             outcome = run_experiment(spec, context=context, device=self.device, data=self.data,
                                      progress=self.progress,
@@ -418,13 +420,28 @@ def storage_url(text: str | None) -> str:
     return text
 
 
+def is_journal(text: str) -> bool:
+    """A journal file (a path, not a URL) ending in ``.journal`` or ``.log``: the rule of
+    every command's ``--storage``."""
+    return "://" not in text and text.endswith(JOURNAL_SUFFIXES)
+
+
+def check_storage_kind(text: str) -> None:
+    """A database URL or a journal file, else a one-line ``SpecError`` naming both kinds."""
+    if "://" not in text and not is_journal(text):
+        raise SpecError(f"--storage {tracking.mask_secrets(text)!r} is neither a database URL "
+                        "(postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB, sqlite:///PATH) "
+                        "nor a journal file ending in .journal or .log")
+
+
 def open_storage(text: str | None, *, heartbeat: bool = True) -> optuna.storages.BaseStorage:
-    """An Optuna storage from ``--storage``: a path ending in ``.journal`` is a journal file
-    (several processes on one host); anything with ``://`` is an RDB URL (SQLite, PostgreSQL,
-    MySQL), with heartbeats so a trial whose process died is failed and retried once.
-    Errors are one-line ``TrackingError``s with passwords masked."""
+    """An Optuna storage from ``--storage``: a path ending in ``.journal`` or ``.log`` is a
+    journal file (several processes on one host); anything with ``://`` is an RDB URL (SQLite,
+    PostgreSQL, MySQL), with heartbeats so a trial whose process died is failed and retried
+    once. Errors are one-line ``TrackingError``s with passwords masked."""
     text = storage_url(text)
-    if text.endswith(".journal") and "://" not in text:
+    check_storage_kind(text)
+    if is_journal(text):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
@@ -435,9 +452,6 @@ def open_storage(text: str | None, *, heartbeat: bool = True) -> optuna.storages
         except OSError as err:
             raise tracking.TrackingError(f"cannot open Optuna journal {path}: "
                                          f"{err.strerror or err}") from None
-    if "://" not in text:
-        raise SpecError(f"--storage {text!r}: use a database URL (sqlite:///path.db, "
-                        "postgresql://user:pass@host/db) or a path ending in .journal")
     sqlite = _sqlite_path(text)
     if sqlite is not None:
         mlflow_db = _sqlite_path(tracking.tracking_uri())
