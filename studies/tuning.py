@@ -739,6 +739,10 @@ def write_plots(study: optuna.Study, out_dir: Path) -> tuple[list[Path], list[st
         integer_params = [key for key, d in complete[-1].distributions.items()
                           if isinstance(d, optuna.distributions.IntDistribution)]
         axes = ovm.plot_slice(study, target_name=TARGET_NAME)
+        for ax in (list(axes.ravel()) if hasattr(axes, "ravel") else [axes]):
+            for points in ax.collections:  # the colour map starts at white: outline the dots
+                points.set_edgecolor("0.3")
+                points.set_linewidth(0.6)
         written.append(_save(axes, out_dir / "slice.png",
                              f"{name}: {OBJECTIVE} against each searched parameter "
                              "(colour: trial number)", integer_params=integer_params))
