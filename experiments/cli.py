@@ -23,15 +23,23 @@ def fail(message: str) -> int:
     return 2
 
 
-def seed_arg(text: str) -> int:
-    """An argparse type: a seed is an integer >= 0 (-1 stands for "no seed" in reports)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: seeds are integers >= 0")
-    return value
+def int_at_least(low: int, rule: str | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``; ``rule`` says why in the error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: {rule or f'must be >= {low}'}")
+        return value
+
+    return parse
+
+
+# -1 stands for "no seed" in reports.
+seed_arg = int_at_least(0, "seeds are integers >= 0")
 
 
 def writable_folder(path: str | Path, flag: str = "--out") -> Path:

@@ -44,7 +44,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cvae.train import FitState, Hooks, NonFiniteLossError
 from experiments import tracking
-from experiments.cli import guarded, seed_arg
+from experiments.cli import guarded, int_at_least, seed_arg
 from experiments.registry import ABLATIONS, PROFILES, Ablation, get_ablation
 from experiments.runner import DEVICES, RunContext, pick_device, run_experiment
 from experiments.spec import ExperimentSpec, SpecError
@@ -699,14 +699,7 @@ def status_table(storage_url: str, study_name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+_positive_int = int_at_least(1)
 
 
 class _Parser(argparse.ArgumentParser):
