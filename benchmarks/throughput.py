@@ -82,7 +82,7 @@ from cvae.train import (
     step_graphs,
     train_epoch,
 )
-from experiments.cli import writable_folder
+from experiments.cli import int_at_least, writable_folder
 from experiments.spec import SpecError
 
 
@@ -853,8 +853,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile", choices=tuple(PROFILES), default="cpu")
-    parser.add_argument("--members", type=int, default=3, help="K members for the packed path")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--members", type=int_at_least(1), default=3,
+                        help="K members for the packed path")
+    parser.add_argument("--steps", type=int_at_least(1), default=None,
                         help="timed optimizer steps per path (default: the profile's)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--bf16", action="store_true",
@@ -879,7 +880,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="torch.compile the runner path's modules")
     parser.add_argument("--teacher-forcing", choices=("on", "off"), default="off",
                         help="off: the report's final setting (tfr 0)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--workers", type=int, default=0,
                         help="DataLoader workers of the reference (the template's default is 4)")
@@ -888,10 +889,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--device cuda: no CUDA device")
     if args.concurrent and args.device != "cuda":
         parser.error("--concurrent times CUDA streams: it needs --device cuda")
-    if args.members < 1 or (args.steps is not None and args.steps < 1):
-        parser.error("--members and --steps must be >= 1")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads {args.threads}: must be >= 1")
     if args.out is not None:  # checked before the runs, so that their results are not lost
         try:
             writable_folder(args.out.parent or ".")

@@ -194,7 +194,9 @@ CASES = [
                                             "--out", "/proc/no-such-folder/bench.json"),
      ["--out /proc/no-such-folder", "cannot create"]),
     ("benchmark: --threads 0", _argv("benchmarks.throughput", "--threads", "0"),
-     ["--threads 0", ">= 1"]),
+     ["--threads", "0: must be >= 1"]),
+    ("benchmark: --members 0", _argv("benchmarks.throughput", "--members", "0"),
+     ["--members", "0: must be >= 1"]),
 ]
 
 
