@@ -437,16 +437,11 @@ def run_queued(study: str, ablation: Ablation, *, seeds: Sequence[int], profile:
     tmp = tempfile.TemporaryDirectory(prefix="cvae-queue-") if own else None
     url = f"{tmp.name}/queue.log" if tmp else storage
     workers: list[subprocess.Popen] = []
-    if jobs > 0:  # bad data fails here, before the parent run exists; the cache is made once
-        from experiments.data import load_data
-
-        for spec_data in {resolve_arm(a, profile=profile, seed=0, epochs=epochs,
-                                      data=data).data for a in chosen}:
-            load_data(spec_data, profile)
     try:
+        # Workers here: the synthetic data is made once, by coordinate, before they start.
         done = queue.coordinate(url, name, ablation=ablation.name, seeds=seeds, profile=profile,
                                 epochs=epochs, data=data, arms=[a.name for a in chosen],
-                                doc=doc, experiment=study)
+                                doc=doc, experiment=study, read_synthetic=jobs > 0)
         if not wait:
             return None
         epochs_each = resolve_arm(chosen[0], profile=profile, seed=0, epochs=epochs,

@@ -274,7 +274,7 @@ def coordinate(storage_url: str, study_name: str, *, ablation: str, seeds: Seque
                profile: str, epochs: int | None = None, data: str | None = None,
                wait: bool = False, poll_interval: float = 5.0,
                arms: Sequence[str] | None = None, doc: str | None = None,
-               experiment: str | None = None) -> Coordinated:
+               experiment: str | None = None, read_synthetic: bool = False) -> Coordinated:
     """Create the MLflow experiment (``experiment``, default: named after the study) and the
     parent run once, enqueue
     the grid (``arms``: a subset of the ablation's, default all), then return, or with
@@ -292,12 +292,13 @@ def coordinate(storage_url: str, study_name: str, *, ablation: str, seeds: Seque
     for arm in abl.arms:  # every spec resolves (bad epochs, profile) before anything exists
         resolved_epochs = draft.spec(arm.name, seeds[0])[0].train.epochs
     _check_url(storage_url)
-    # A dataset folder is read here first, as the study commands do: bad data fails before
-    # anything exists, not in every worker (and the decoded cache is made once).
+    # A dataset folder is read here first: bad data fails before anything exists, not in
+    # every worker, and its decoded cache is made once. The synthetic data cannot be bad; it
+    # is made here too when ``read_synthetic`` (workers are about to start on this machine).
     from experiments.data import load_data
 
     for spec_data in {draft.spec(name, seeds[0])[0].data for name in chosen}:
-        if spec_data.source != "synthetic":
+        if read_synthetic or spec_data.source != "synthetic":
             load_data(spec_data, profile)
     tracking.configure()
     wanted = {"ablation": ablation, "profile": profile, "epochs": epochs, "data": data}

@@ -362,14 +362,21 @@ def closest_registered(spec: ExperimentSpec) -> str:
 def _load_data(specs: list[ExperimentSpec], profile: str, workers: int) -> dict[Any, Any]:
     """Each spec's data by its ``data`` field, read here first as the study commands do: bad
     data fails before the storage, a study or a parent run exists (and the decoded cache is
-    made once). With ``workers`` > 1 the values are None: each worker loads its own."""
+    made once). With ``workers`` > 1 the values are None: each worker loads its own, and
+    only a dataset folder is read here, to check it (the synthetic data cannot be bad)."""
     from experiments.data import load_data
 
-    loaded = {}
+    loaded: dict[Any, Any] = {}
     for spec in specs:
-        if spec.data not in loaded:
+        if spec.data in loaded:
+            continue
+        if workers > 1:
+            if spec.data.source != "synthetic":
+                load_data(spec.data, profile)
+            loaded[spec.data] = None
+        else:
             loaded[spec.data] = load_data(spec.data, profile)
-    return {key: None if workers > 1 else value for key, value in loaded.items()}
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------
