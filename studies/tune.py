@@ -26,7 +26,8 @@ their MLflow run KILLED, a non-finite loss fails the trial and the study goes on
   (tags ``trial``, ``optuna_study``, and ``trial_state`` = COMPLETE | PRUNED | FAIL).
 - Outputs in ``mlruns/reports/<study>/`` (also logged to the parent run under ``tuning/``):
   ``best_spec.toml`` (runs with ``python -m experiments run FILE --profile P --epochs E``),
-  ``optimization_history.png``, ``intermediate_values.png``, ``param_importances.png``,
+  ``optimization_history.png``, ``intermediate_values.png``, ``param_importances.png``
+  (from 5 complete trials on),
   ``slice.png``, ``trials.csv``; it says whether the best point lies on the edge of the space.
 - ``--per-arm ABLATION`` (the tuning playbook's protocol): one study per arm
   (``<study>-<arm>``) with the same space, budget and sampler seed, the arm's scientific

@@ -692,6 +692,11 @@ def _save(axes: Any, path: Path, title: str, *, integer_x: bool = False,
     return path
 
 
+# Optuna draws importances from 2 complete trials, but its forest (fANOVA) fitted to so few
+# points gives a ranking that means nothing, and a bar chart makes it look like a finding.
+MIN_TRIALS_FOR_IMPORTANCE = 5
+
+
 def write_plots(study: optuna.Study, out_dir: Path) -> tuple[list[Path], list[str]]:
     """Optimization history, intermediate values (the pruned curves), parameter importances
     and slice plots as PNGs (``optuna.visualization.matplotlib``); notes for those skipped."""
@@ -724,7 +729,7 @@ def write_plots(study: optuna.Study, out_dir: Path) -> tuple[list[Path], list[st
             written.append(_save(ax, out_dir / "intermediate_values.png",
                                  f"{name}: {OBJECTIVE} reported per epoch (pruned trials stop "
                                  "early)", integer_x=True))
-        if len(complete) >= 2:
+        if len(complete) >= MIN_TRIALS_FOR_IMPORTANCE:
             try:
                 ax = ovm.plot_param_importances(study, target_name=TARGET_NAME)
                 written.append(_save(ax, out_dir / "param_importances.png",
@@ -734,8 +739,8 @@ def write_plots(study: optuna.Study, out_dir: Path) -> tuple[list[Path], list[st
                 plt.close("all")
                 notes.append(f"parameter importances skipped: {str(err).splitlines()[0]}")
         else:
-            notes.append("parameter importances skipped: they need at least 2 complete trials "
-                         f"({len(complete)} so far)")
+            notes.append("parameter importances skipped: they need at least "
+                         f"{MIN_TRIALS_FOR_IMPORTANCE} complete trials ({len(complete)} so far)")
         integer_params = [key for key, d in complete[-1].distributions.items()
                           if isinstance(d, optuna.distributions.IntDistribution)]
         axes = ovm.plot_slice(study, target_name=TARGET_NAME)

@@ -289,9 +289,12 @@ def test_study_end_to_end_with_a_failed_and_a_pruned_trial(tracking_store, tiny,
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "tuning")}
     reports = tmp_path / "mlruns" / "reports" / "e2e"
     for name in ("best_spec.toml", "optimization_history.png", "intermediate_values.png",
-                 "param_importances.png", "slice.png", "trials.csv"):
+                 "slice.png", "trials.csv"):
         assert (reports / name).is_file(), name
         assert f"tuning/{name}" in logged, name
+    # Two complete trials are too few to rank parameters: no bar chart, and the note says why.
+    assert not (reports / "param_importances.png").exists()
+    assert "parameter importances skipped: they need at least 5 complete trials (2 so far)" in out
     assert "best: trial" in out and ("ON THE EDGE" in out or "inside the search space" in out)
 
     # The best spec resolves to the best trial's spec, and `experiments run` accepts it.
@@ -384,3 +387,28 @@ def test_per_arm_tunes_each_arm_then_reruns_the_best_over_seeds(tracking_store, 
     assert (reports / "output-smoke-2ep" / "best_per_arm.md").is_file()
     assert (reports / "output-smoke-2ep-rerun" / "summary.md").is_file()
     assert (reports / "output-smoke-2ep-rerun" / "val_psnr.png").is_file()
+
+
+@pytest.mark.parametrize("complete", [4, 5])
+def test_importances_are_drawn_only_from_enough_complete_trials(tmp_path, complete):
+    study = optuna.create_study(direction="maximize", study_name="imp")
+    lr = optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)
+    ratio = optuna.distributions.FloatDistribution(0.1, 1.0)
+    for i in range(complete):
+        study.add_trial(optuna.trial.create_trial(
+            params={"optim.lr": 10 ** (-5 + 0.6 * i), "kl.ratio": 0.1 + 0.2 * (i % 3)},
+            distributions={"optim.lr": lr, "kl.ratio": ratio}, value=18.0 + 0.5 * i,
+            intermediate_values={0: 17.0 + 0.5 * i}))
+    study.add_trial(optuna.trial.create_trial(  # pruned trials do not count
+        params={"optim.lr": 1e-3, "kl.ratio": 0.5}, distributions={"optim.lr": lr, "kl.ratio": ratio},
+        state=TrialState.PRUNED, intermediate_values={0: 10.0}))
+    written, notes = tuning.write_plots(study, tmp_path)
+    names = {p.name for p in written}
+    assert {"optimization_history.png", "intermediate_values.png", "slice.png"} <= names
+    if complete >= tuning.MIN_TRIALS_FOR_IMPORTANCE:
+        assert "param_importances.png" in names and (tmp_path / "param_importances.png").is_file()
+        assert not notes
+    else:
+        assert "param_importances.png" not in names
+        assert notes == [("parameter importances skipped: they need at least 5 complete "
+                          f"trials ({complete} so far)")]
