@@ -109,9 +109,13 @@ def _first_line(err: Exception | None) -> str:
 
 
 def git_commit() -> str:
+    """The commit of this project's code (asked in the package's folder, not in the working
+    directory: a run started from another folder, or from inside another repository, would
+    otherwise be tagged "unknown" or with that other repository's commit)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, timeout=5, check=False)
+                             text=True, timeout=5, check=False,
+                             cwd=Path(__file__).resolve().parent)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
