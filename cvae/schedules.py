@@ -41,8 +41,9 @@ def cyclical_beta(
     points (both ends included) and then holds ``stop``. Steps past the last whole period
     hold ``stop``. With 400 epochs, 40 cycles, ratio 0.5: each 10-epoch period ramps over its
     first 5 epochs from 0.1 to 1.0 (0.1, 0.325, 0.55, 0.775, 1.0) and holds 1.0 for 5.
+    More cycles than steps make periods of 0 steps: no ramp at all, every step holds ``stop``.
     """
-    period = max(1, total_steps // cycles)
+    period = total_steps // cycles
     ramp_points = int(period * ratio)
     if step >= period * cycles:
         return float(stop)

@@ -39,6 +39,31 @@ def test_monotonic_is_one_cycle():
     assert all(a < b for a, b in pairwise(betas[:200]))
 
 
+def _lab_cyclical(n, *, cycles, ratio, start, stop):
+    """LAB_REFERENCE's schedule as an array: all ``stop``, then in each of ``cycles`` periods
+    of n // cycles steps a linspace of int(period * ratio) points from start to stop."""
+    betas = [float(stop)] * n
+    period = n // cycles
+    ramp = int(period * ratio)
+    for c in range(cycles):
+        betas[c * period : c * period + ramp] = torch.linspace(start, stop, ramp,
+                                                               dtype=torch.float64).tolist()
+    return betas
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 1.0])
+def test_cyclical_matches_the_lab_formula_including_more_cycles_than_steps(ratio):
+    """Every (steps, cycles) pair, also cycles > steps (periods of 0 steps: a 1-epoch run of
+    a 2-cycle spec): there the lab's schedule has no ramp and holds stop throughout."""
+    for n in range(1, 30):
+        for cycles in range(1, 12):
+            ours = [cyclical_beta(s, total_steps=n, cycles=cycles, ratio=ratio, start=0.1,
+                                  stop=1.0) for s in range(n)]
+            assert ours == pytest.approx(
+                _lab_cyclical(n, cycles=cycles, ratio=ratio, start=0.1, stop=1.0), abs=1e-12), \
+                (n, cycles)
+
+
 def test_constant_is_constant_and_has_no_cycle_parameters():
     schedule = ConstantKL(value=1.0)
     assert {schedule.beta(epoch, 400) for epoch in range(400)} == {1.0}
