@@ -287,8 +287,13 @@ def rescale_time(spec: ExperimentSpec, epochs: int,
         tf = replace(tf, decay_step=min(1.0, tf.decay_step / s))
     lr = spec.lr_schedule
     if "lr_schedule.milestones" not in keep:
-        lr = replace(lr, milestones=tuple(sorted({max(1, round(m * s))
-                                                  for m in lr.milestones})))
+        scaled = sorted(max(1, round(m * s)) for m in lr.milestones)
+        # Milestones that land on the same epoch each still apply gamma there (as MultiStepLR
+        # counts repeated milestones): the template's (2, 5) over 70 epochs become (1, 1) over
+        # 8 and the lr still ends at gamma**2. Schedules that never read milestones keep them
+        # deduplicated, so their spec hashes (and stored runs) stay as they were.
+        lr = replace(lr, milestones=tuple(scaled if lr.kind == "multistep"
+                                          else sorted(set(scaled))))
     return replace(spec, kl=kl, teacher_forcing=tf, lr_schedule=lr,
                    train=replace(spec.train, epochs=epochs))
 

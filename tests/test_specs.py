@@ -178,6 +178,25 @@ def test_short_profiles_keep_cyclical_distinct_from_monotonic():
         assert cyc_betas != mono_betas, profile
 
 
+def test_short_profiles_keep_every_multistep_lr_decay():
+    """The template's MultiStepLR (2, 5) x 0.1 over 70 epochs ends at 0.01 x the base lr; a
+    profile that shortens the run lands both milestones on epoch 1, and both must still
+    apply (merging them left the lr 10x higher for the rest of the run)."""
+    from cvae.train import lr_factor
+
+    full = SPECS["lab_template"]
+    full_end = lr_factor(full.train.epochs - 1, kind="multistep", epochs=full.train.epochs,
+                         milestones=full.lr_schedule.milestones, gamma=full.lr_schedule.gamma)
+    assert full_end == pytest.approx(0.01)
+    for profile in ("smoke", "cpu"):
+        spec = apply_profile(full, profile)
+        factors = [lr_factor(e, kind="multistep", epochs=spec.train.epochs,
+                             milestones=spec.lr_schedule.milestones,
+                             gamma=spec.lr_schedule.gamma) for e in range(spec.train.epochs)]
+        assert factors[0] == 1.0, profile
+        assert factors[-1] == pytest.approx(full_end), profile
+
+
 def test_profile_keeps_schedule_values_the_user_chose(tmp_path):
     """A profile rescales epoch-indexed schedules to its shorter run, except the values the
     user set (--set, a spec file): those run as written, as a chosen lr does."""
