@@ -77,8 +77,8 @@ def summary_markdown(results: StudyResults, table: pd.DataFrame,
     lines += [method, "", summary.to_markdown(table, reference=meta.reference)]
     if groups is not None:
         reference_group = table_group_of(results, meta.reference)
-        heading = (f"## By group (runs of all arms in a group pooled; reference group "
-                   f"`{reference_group}`)")
+        heading = (f"## By group (each seed's runs averaged over the group's arms: the seeds "
+                   f"are the replicates; reference group `{reference_group}`)")
         lines += ["", heading, "", summary.to_markdown(groups, reference=reference_group)]
     return "\n".join(lines) + "\n"
 

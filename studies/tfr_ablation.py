@@ -20,8 +20,10 @@ experiment ``tfr_ablation``:
 filed as the experiment ``tfr_report_groups``): two groups, ``tfr_decay`` and ``tfr_off``,
 each holding the three KL arms (arm names ``<group>+kl_cyclical`` etc.); the KL schedule is
 then a nuisance hyperparameter pooled within each group, and the loss curves show each group's
-mean ± 1 sd across its runs (3 KL arms × seeds), as in Table 1. Reference arm:
-``tfr_decay+kl_cyclical``; reference group: ``tfr_decay``.
+mean ± 1 sd across its runs (3 KL arms × seeds), as in Table 1. The group summary counts
+each seed once (the mean of its runs over the group's arms, which share the seed): its
+intervals are over seeds, not runs. Reference arm: ``tfr_decay+kl_cyclical``; reference group:
+``tfr_decay``.
 
 Figures and the summary go to ``mlruns/reports/<experiment>/``; redraw them with
 ``python -m studies.report --study tfr_ablation`` (or ``tfr_report_groups``). Rerunning

@@ -194,7 +194,9 @@ def test_tfr_report_groups_pools_kl_arms_per_group(tracking_store, tmp_path, cap
     out = tmp_path / "mlruns" / "reports" / "tfr_report_groups"
     _check_report(out, arms, client, children)
     groups = pd.read_csv(out / "summary_groups.csv", index_col=0)
-    assert list(groups.index) == ["tfr_decay", "tfr_off"] and list(groups["n"]) == [2, 2]
+    assert list(groups.index) == ["tfr_decay", "tfr_off"] and list(groups["runs"]) == [2, 2]
+    assert list(groups["n"]) == [1, 1]  # one seed: the two KL arms' runs are not replicates
+    assert list(groups["verdict"]) == ["reference", "not enough seeds"]
     assert "## By group" in (out / "summary.md").read_text()
 
     capsys.readouterr()

@@ -129,3 +129,29 @@ def test_markdown_numbers_print_no_negative_zero():
 
     assert (_num(-0.001), _signed(-0.004), _ci(-0.002, 0.3)) == ("0.00", "+0.00", "[0.00, 0.30]")
     assert (_num(-0.5), _signed(-0.006), _ci(-1.234, -0.004)) == ("-0.50", "-0.01", "[-1.23, 0.00]")
+
+
+def test_group_replicates_are_seeds_not_runs():
+    """A group's arms share each seed (initialisation, clip order, noise), so its runs are
+    not independent: each seed counts once, as the mean of its runs, in the sd, interval and
+    Welch test (pooling 3 arms x 2 seeds as 6 runs gave a far too narrow interval)."""
+    rows = []
+    finals = {("tf", 0): [20.0, 20.2, 19.9], ("tf", 1): [24.0, 24.3, 23.8],
+              ("off", 0): [20.5, 20.4, 20.9], ("off", 1): [24.6, 24.4, 24.8]}
+    for (group, seed), values in finals.items():
+        for k, value in enumerate(values):
+            run = f"{group}-{seed}-{k}"
+            rows.append([run, "s", f"{group}+kl{k}", group, seed, 0, "val/psnr", value])
+            rows.append([run, "s", f"{group}+kl{k}", group, seed, 0, "val/psnr_copy_first", 9.0])
+    table = summary.summarize(_tidy(rows), reference="tf", by="group", order=["tf", "off"])
+    tf = [np.mean(finals["tf", s]) for s in (0, 1)]
+    off = [np.mean(finals["off", s]) for s in (0, 1)]
+    low, high = stats.t.interval(0.95, 1, loc=np.mean(tf), scale=stats.sem(tf))
+    assert (table.loc["tf", "final_ci_low"], table.loc["tf", "final_ci_high"]) == \
+        pytest.approx((low, high))
+    assert table.loc["tf", ["n", "runs", "seeds"]].tolist() == [2, 6, "0 1"]
+    ci = stats.ttest_ind(off, tf, equal_var=False).confidence_interval(0.95)
+    assert (table.loc["off", "diff_ci_low"], table.loc["off", "diff_ci_high"]) == \
+        pytest.approx((ci.low, ci.high))
+    assert table.loc["off", "verdict"] == "no detectable difference at 2 seeds"
+    assert "| `tf` | 6 (0 1) |" in summary.to_markdown(table, reference="tf")
