@@ -12,7 +12,8 @@ study's parent run under ``report/``:
 - ``metrics.{csv,parquet}``, ``psnr_per_frame.{csv,parquet}``: the tidy tables (studies.results)
 - ``summary.md``, ``summary.csv`` (+ ``summary_groups.csv`` when groups hold several arms):
   final and best val PSNR per arm, mean ± sd and 95% t-interval over seeds, and each arm
-  against the reference arm (Welch 95% interval of the difference, plain verdict)
+  against the reference arm (Welch 95% interval of the difference, plain verdict); the arms
+  and seeds without a FINISHED run (FAILED, KILLED, RUNNING) are named below the table
 - ``beta.png`` (Fig. 1), ``teacher_forcing.png`` (Fig. 2), ``train_loss.png``, ``val_loss.png``,
   ``val_psnr.png`` (Table 1 / Fig. 3: mean ± 1 sd across seeds), ``psnr_per_frame.png``
   (Fig. 4, with the copy-first-frame floor), ``filmstrip.png`` (ground truth vs each arm)
@@ -75,6 +76,13 @@ def summary_markdown(results: StudyResults, table: pd.DataFrame,
         "with a 95% Welch interval (Welch–Satterthwaite df); the verdict reads that interval "
         "(higher PSNR is better).")
     lines += [method, "", summary.to_markdown(table, reference=meta.reference)]
+    if results.unfinished:
+        left_out = "; ".join(
+            f"`{r.data.tags.get('arm', r.info.run_name)}` seed {r.data.tags.get('seed', '?')}: "
+            f"{r.info.status}" + (f" ({r.data.tags['stop_reason']})"
+                                  if r.data.tags.get("stop_reason") else "")
+            for r in results.unfinished)
+        lines += ["", f"Not in the table (no FINISHED run of this arm and seed): {left_out}."]
     if groups is not None:
         reference_group = table_group_of(results, meta.reference)
         heading = (f"## By group (each seed's runs averaged over the group's arms: the seeds "

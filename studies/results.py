@@ -7,7 +7,10 @@ Which runs: the FINISHED runs of a study (``tags.study``) other than its parent 
 ``study_parent=1``). When the study has parent runs, those of one parent's configuration (by
 default the most recently used parent) are taken: a parent stands for one configuration of
 the study (profile, epochs, data) and lists its arms' resolved spec hashes, so runs of
-different configurations are never averaged (``finished_children``).
+different configurations are never averaged (``finished_children``). The configuration's
+(arm, seed) pairs with no FINISHED run (a FAILED run: a diverged loss is a result too; a
+KILLED or still RUNNING one) are listed beside the tables (``unfinished_children``), never
+silently dropped.
 
 Two tidy tables, one row per observation:
 
@@ -77,6 +80,7 @@ class StudyResults:
     runs: list[Any]  # mlflow.entities.Run, the FINISHED children
     metrics: pd.DataFrame  # COLUMNS
     per_frame: pd.DataFrame  # FRAME_COLUMNS
+    unfinished: list[Any] = field(default_factory=list)  # pairs with no FINISHED run
 
 
 def client_or_default(client: Any | None = None) -> Any:
@@ -150,7 +154,27 @@ def finished_children(client: Any, study: str, parent_run_id: str | None = None)
     without that tag (written by an older version) holds the runs that point at it. Of two
     FINISHED runs of one (spec, seed) the newest counts, as the runner would reuse it.
     """
-    query = f"tags.study = {_quote(study)} and attributes.status = 'FINISHED'"
+    runs = list(_newest_per_pair(client, study, parent_run_id, "= 'FINISHED'").values())
+    _label_configurations(runs)
+    return sorted(runs, key=lambda r: (r.data.tags.get("arm", ""), _seed(r)))
+
+
+def unfinished_children(client: Any, study: str, parent_run_id: str | None = None) -> list[Any]:
+    """The newest run of each (spec, seed) of the configuration (as ``finished_children``)
+    that has no FINISHED run: FAILED (e.g. a non-finite loss, reason in ``stop_reason``),
+    KILLED or RUNNING. What the tables leave out."""
+    finished = _newest_per_pair(client, study, parent_run_id, "= 'FINISHED'")
+    others = _newest_per_pair(client, study, parent_run_id, "!= 'FINISHED'")
+    runs = [run for key, run in others.items() if key not in finished]
+    _label_configurations([*finished.values(), *runs])  # the labels the tables use
+    return sorted(runs, key=lambda r: (r.data.tags.get("arm", ""), _seed(r)))
+
+
+def _newest_per_pair(client: Any, study: str, parent_run_id: str | None,
+                     status: str) -> dict[tuple[str, int], Any]:
+    """(spec_hash, seed) -> the newest run of ``study`` whose status matches ``status`` (an
+    MLflow filter clause) among the configuration's runs (see ``finished_children``)."""
+    query = f"tags.study = {_quote(study)} and attributes.status {status}"
     hashes: set[str] | None = None
     if parent_run_id is not None:
         tag = client.get_run(parent_run_id).data.tags.get(TAG_SPEC_HASHES)
@@ -166,9 +190,7 @@ def finished_children(client: Any, study: str, parent_run_id: str | None = None)
         key = (spec, _seed(run))
         if key not in newest or run.info.start_time > newest[key].info.start_time:
             newest[key] = run
-    runs = list(newest.values())
-    _label_configurations(runs)
-    return sorted(runs, key=lambda r: (r.data.tags.get("arm", ""), _seed(r)))
+    return newest
 
 
 def _label_configurations(runs: Sequence[Any]) -> None:
@@ -335,11 +357,13 @@ def load_study(study: str, *, parent_run_id: str | None = None, client: Any | No
     """The study's FINISHED child runs, their metric curves and per-frame PSNR."""
     client = client_or_default(client)
     parent = resolve_parent(client, study, parent_run_id)
-    runs = finished_children(client, study, parent.info.run_id if parent is not None else None)
+    parent_id = parent.info.run_id if parent is not None else None
+    runs = finished_children(client, study, parent_id)
     metrics = tidy_metrics(client, runs, study=study)
     frames = tidy_per_frame(client, runs, study=study, metrics=metrics) if per_frame \
         else pd.DataFrame(columns=FRAME_COLUMNS)
-    return StudyResults(study_meta(study, runs, parent), runs, metrics, frames)
+    return StudyResults(study_meta(study, runs, parent), runs, metrics, frames,
+                        unfinished_children(client, study, parent_id))
 
 
 def write_tables(results: StudyResults, out_dir: str | Path) -> list[Path]:

@@ -278,3 +278,35 @@ def test_runs_of_one_arm_with_different_settings_are_not_pooled_as_seeds(trackin
     assert seeds == {"kl_constant": [0], "report_final@aaaaaaaa": [0, 1],
                      "report_final@bbbbbbbb": [0]}
     assert set(results.metrics["group"]) == set(results.metrics["arm"])
+
+
+def test_summary_names_the_runs_it_leaves_out(tracking_store, tmp_path):
+    """A FAILED run (a diverged loss is a result) or an unfinished one is not averaged, but
+    the summary says which (arm, seed) it lacks and why, unless a FINISHED run replaced it."""
+    client = MlflowClient()
+    experiment = client.create_experiment("s")
+    parent = client.create_run(experiment, tags={"study": "s", "study_parent": "1",
+                                                 "spec_hashes": "aaaa,bbbb", "arm_order": "a,b",
+                                                 "reference_arm": "a"})
+    client.set_terminated(parent.info.run_id)
+    for arm, spec, seed, status, psnr in (("a", "aaaa", 0, "FINISHED", 20.0),
+                                          ("a", "aaaa", 1, "FINISHED", 21.0),
+                                          ("b", "bbbb", 0, "FINISHED", 22.0),
+                                          ("b", "bbbb", 1, "FAILED", None),
+                                          ("b", "bbbb", 2, "KILLED", None)):
+        run = client.create_run(experiment, tags={"study": "s", "arm": arm, "seed": str(seed),
+                                                  "spec_hash": spec})
+        if psnr is not None:
+            client.log_metric(run.info.run_id, "val/psnr", psnr, step=0)
+        if status == "FAILED":
+            client.set_tag(run.info.run_id, "stop_reason", "non-finite loss at epoch 3")
+        client.set_terminated(run.info.run_id, status)
+    replaced = client.create_run(experiment, tags={"study": "s", "arm": "a", "seed": "0",
+                                                   "spec_hash": "aaaa"})
+    client.set_terminated(replaced.info.run_id, "KILLED")  # seed 0 of a has a FINISHED run
+    results = load_study("s", per_frame=False)
+    assert [(r.data.tags["arm"], r.data.tags["seed"]) for r in results.unfinished] == \
+        [("b", "1"), ("b", "2")]
+    text = report_module.write_report(results, tmp_path / "out", log_to_parent=False).markdown
+    assert "Not in the table (no FINISHED run of this arm and seed): `b` seed 1: FAILED " \
+           "(non-finite loss at epoch 3); `b` seed 2: KILLED." in text
