@@ -12,7 +12,8 @@ study's parent run under ``report/``:
 - ``metrics.{csv,parquet}``, ``psnr_per_frame.{csv,parquet}``: the tidy tables (studies.results)
 - ``summary.md``, ``summary.csv`` (+ ``summary_groups.csv`` when groups hold several arms):
   final and best val PSNR per arm, mean ± sd and 95% t-interval over seeds, and each arm
-  against the reference arm (Welch 95% interval of the difference, plain verdict); the arms
+  against the reference arm (Welch 95% interval of the difference, and paired by seed; a
+  plain verdict read from the paired interval); the arms
   and seeds without a FINISHED run (FAILED, KILLED, RUNNING) are named below the table
 - ``beta.png`` (Fig. 1), ``teacher_forcing.png`` (Fig. 2), ``train_loss.png``, ``val_loss.png``,
   ``val_psnr.png`` (Table 1 / Fig. 3: mean ± 1 sd across seeds), ``psnr_per_frame.png``
@@ -73,8 +74,12 @@ def summary_markdown(results: StudyResults, table: pd.DataFrame,
         "Final = validation PSNR at the last epoch; best = the maximum over evaluated epochs "
         "(epochs are 0-based MLflow steps). mean ± sd over seeds with a 95% t-interval. "
         f"Δ = difference in mean final val PSNR against the reference arm `{meta.reference}`, "
-        "with a 95% Welch interval (Welch–Satterthwaite df); the verdict reads that interval "
-        "(higher PSNR is better).")
+        "with a 95% Welch interval (Welch–Satterthwaite df), and the same difference paired "
+        "by seed: the mean of the per-seed differences over the seeds both arms ran, with a "
+        "95% t-interval on n-1 df (runs of one seed share its initialisation, clip order and "
+        "noise, and pairing removes that shared part). The verdict reads the paired interval "
+        "(higher PSNR is better); where fewer than 2 seeds are shared, it reads Welch's and "
+        "says so.")
     lines += [method, "", summary.to_markdown(table, reference=meta.reference)]
     if results.unfinished:
         left_out = "; ".join(

@@ -5,6 +5,10 @@ Each arm's runs differ only in the seed, so the seeds are the replicates:
 - ``welch``: the difference in means of an arm and the reference arm with a confidence
   interval from Welch's t (unequal variances, Welch–Satterthwaite degrees of freedom),
   the same test as ``scipy.stats.ttest_ind(a, b, equal_var=False)``.
+- ``paired``: the same difference over the seeds both arms ran, as the mean of the per-seed
+  differences with a t interval on n-1 df (``scipy.stats.ttest_rel``). Runs of one seed share
+  its initialisation, clip order and noise draws, so an arm and the reference are matched
+  pairs; the pairing removes what the seed does to both, which Welch counts as noise.
 - ``verdict``: "better" / "worse" when the interval excludes 0 (higher PSNR is better),
   "no detectable difference at N seeds" otherwise, "not enough seeds" with one seed, and
   "cannot test: no spread across N seeds" when every seed gives the same value.
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -103,6 +107,32 @@ def welch(values: Sequence[float], reference: Sequence[float], *,
                       n_a, n_b)
 
 
+def paired(values: pd.Series, reference: pd.Series, *,
+           confidence: float = CONFIDENCE) -> Comparison:
+    """Mean of the per-seed differences (values - reference) over the seeds both hold (Series
+    indexed by seed), with a t interval on n-1 df and a two-sided p, as
+    ``scipy.stats.ttest_rel``; ``df`` is n-1. Fewer than two common seeds, or differences
+    without spread: nan interval (a difference that is rounding noise becomes exactly 0)."""
+    common = values.index.intersection(reference.index)
+    d = (values.loc[common].to_numpy(float) - reference.loc[common].to_numpy(float))
+    n = d.size
+    difference = float(d.mean()) if n else math.nan
+    undefined = Comparison(difference, math.nan, math.nan, math.nan, math.nan, math.nan, n, n)
+    if n < 2:
+        return undefined
+    se = float(d.std(ddof=1)) / math.sqrt(n)
+    scale = max(1.0, float(np.abs(values.loc[common]).max()))
+    if se <= 1e-9 * scale:
+        if abs(difference) <= 1e-9 * scale:
+            difference = 0.0
+        return replace(undefined, difference=difference)
+    statistic = difference / se
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * se
+    p_value = float(2 * stats.t.sf(abs(statistic), n - 1))
+    return Comparison(difference, difference - half, difference + half, n - 1, statistic,
+                      p_value, n, n)
+
+
 def seeds_phrase(n: int, n_reference: int, unit: str = "seeds") -> str:
     return f"{n} {unit}" if n == n_reference else f"{n} vs {n_reference} {unit}"
 
@@ -150,8 +180,14 @@ def per_run(metrics: pd.DataFrame, *, metric: str = "val/psnr",
 SUMMARY_COLUMNS = [
     "n", "runs", "seeds", "final_mean", "final_sd", "final_ci_low", "final_ci_high",
     "best_mean", "best_sd", "best_ci_low", "best_ci_high", "best_epoch_mean", "copy_first",
-    "diff_vs_reference", "diff_ci_low", "diff_ci_high", "welch_df", "p_value", "verdict",
+    "diff_vs_reference", "diff_ci_low", "diff_ci_high", "welch_df", "p_value",
+    "paired_n", "paired_diff", "paired_ci_low", "paired_ci_high", "paired_p_value",
+    "verdict", "verdict_basis",
 ]
+_NO_COMPARISON = {"diff_ci_low": math.nan, "diff_ci_high": math.nan, "welch_df": math.nan,
+                  "p_value": math.nan, "paired_n": 0, "paired_diff": math.nan,
+                  "paired_ci_low": math.nan, "paired_ci_high": math.nan,
+                  "paired_p_value": math.nan, "verdict_basis": ""}
 
 
 def summarize(metrics: pd.DataFrame, *, reference: str, by: str = "arm",
@@ -159,15 +195,16 @@ def summarize(metrics: pd.DataFrame, *, reference: str, by: str = "arm",
               confidence: float = CONFIDENCE) -> pd.DataFrame:
     """One row per ``by`` value (arm or group): final and best ``metric`` over its seeds
     (mean, sd, t interval; ``n`` seeds, ``runs`` runs), mean epoch of best, copy-first floor,
-    and the final value against ``reference`` (Welch). A seed with several runs (a group's
-    arms) counts once, as the mean of its runs. Indexed by ``by``, rows in ``order`` (default:
-    sorted)."""
+    and the final value against ``reference``: Welch, and paired by seed over the seeds both
+    ran. The verdict reads the paired interval when there are two common seeds or more, else
+    Welch's (``verdict_basis`` says which). A seed with several runs (a group's arms) counts
+    once, as the mean of its runs. Indexed by ``by``, rows in ``order`` (default: sorted)."""
     runs = per_run(metrics, metric=metric).groupby([by, "seed"], sort=False).agg(
         final=("final", "mean"), best=("best", "mean"), best_epoch=("best_epoch", "mean"),
         floor=("floor", "mean"), runs=("run_id", "size")).reset_index()
     names = list(order) if order is not None else sorted(runs[by].unique())
     names = [n for n in names if n in set(runs[by])]
-    ref_final = runs.loc[runs[by] == reference, "final"].to_numpy()
+    ref_final = runs.loc[runs[by] == reference].set_index("seed")["final"]
     rows = []
     for name in names:
         mine = runs[runs[by] == name]
@@ -184,16 +221,19 @@ def summarize(metrics: pd.DataFrame, *, reference: str, by: str = "arm",
             "copy_first": float(mine["floor"].mean()),
         }
         if name == reference:
-            row.update(diff_vs_reference=0.0, diff_ci_low=math.nan, diff_ci_high=math.nan,
-                       welch_df=math.nan, p_value=math.nan, verdict="reference")
+            row.update(_NO_COMPARISON, diff_vs_reference=0.0, verdict="reference")
         elif ref_final.size == 0:
-            row.update(diff_vs_reference=math.nan, diff_ci_low=math.nan, diff_ci_high=math.nan,
-                       welch_df=math.nan, p_value=math.nan, verdict="no reference runs")
+            row.update(_NO_COMPARISON, diff_vs_reference=math.nan, verdict="no reference runs")
         else:
             c = welch(mine["final"], ref_final, confidence=confidence)
+            pc = paired(mine.set_index("seed")["final"], ref_final, confidence=confidence)
+            basis = pc if pc.n >= 2 else c
             row.update(diff_vs_reference=c.difference, diff_ci_low=c.ci_low,
                        diff_ci_high=c.ci_high, welch_df=c.df, p_value=c.p_value,
-                       verdict=verdict(c))
+                       paired_n=pc.n, paired_diff=pc.difference, paired_ci_low=pc.ci_low,
+                       paired_ci_high=pc.ci_high, paired_p_value=pc.p_value,
+                       verdict=verdict(basis),
+                       verdict_basis="paired by seed" if basis is pc else "Welch")
         rows.append(row)
     return pd.DataFrame(rows, columns=[by, *SUMMARY_COLUMNS]).set_index(by)
 
@@ -227,7 +267,7 @@ def to_markdown(table: pd.DataFrame, *, reference: str, confidence: float = CONF
     header = [by, "runs (seeds)", "final val PSNR (dB) mean ± sd", f"{pct} CI",
               "best val PSNR (dB) mean ± sd", f"{pct} CI", "epoch of best (mean)",
               "copy-first floor (dB)", f"Δ final vs {reference} (dB)", f"{pct} CI (Welch)",
-              "verdict"]
+              f"{pct} CI paired by seed (seeds)", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in table.iterrows():
         cells = [
@@ -239,7 +279,9 @@ def to_markdown(table: pd.DataFrame, *, reference: str, confidence: float = CONF
             _num(r["best_epoch_mean"], 1), _num(r["copy_first"]),
             "—" if r["verdict"] == "reference" else _signed(r["diff_vs_reference"]),
             "—" if r["verdict"] == "reference" else _ci(r["diff_ci_low"], r["diff_ci_high"]),
-            r["verdict"],
+            "—" if r["verdict"] == "reference" else
+            f"{_ci(r['paired_ci_low'], r['paired_ci_high'])} ({r['paired_n']})",
+            r["verdict"] + (" (Welch)" if r["verdict_basis"] == "Welch" else ""),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -137,7 +137,7 @@ def test_group_replicates_are_seeds_not_runs():
     Welch test (pooling 3 arms x 2 seeds as 6 runs gave a far too narrow interval)."""
     rows = []
     finals = {("tf", 0): [20.0, 20.2, 19.9], ("tf", 1): [24.0, 24.3, 23.8],
-              ("off", 0): [20.5, 20.4, 20.9], ("off", 1): [24.6, 24.4, 24.8]}
+              ("off", 0): [20.5, 20.4, 20.9], ("off", 1): [24.9, 24.4, 24.8]}
     for (group, seed), values in finals.items():
         for k, value in enumerate(values):
             run = f"{group}-{seed}-{k}"
@@ -155,3 +155,42 @@ def test_group_replicates_are_seeds_not_runs():
         pytest.approx((ci.low, ci.high))
     assert table.loc["off", "verdict"] == "no detectable difference at 2 seeds"
     assert "| `tf` | 6 (0 1) |" in summary.to_markdown(table, reference="tf")
+
+
+def test_paired_by_seed_matches_scipy_ttest_rel_and_drives_the_verdict():
+    """Seeds shift every arm together (shared initialisation, clips, noise): Welch sees that
+    as noise and finds nothing, the per-seed differences show a steady gain."""
+    rows = []
+    finals = {"ref": {0: 20.0, 1: 24.0, 2: 22.0, 3: 26.0},
+              "new": {0: 20.4, 1: 24.5, 2: 22.3, 3: 26.5},
+              "few": {0: 30.0, 7: 31.0, 8: 29.0}}  # shares one seed with ref
+    for arm, by_seed in finals.items():
+        for seed, value in by_seed.items():
+            rows.append([f"{arm}{seed}", "s", arm, arm, seed, 0, "val/psnr", value])
+            rows.append([f"{arm}{seed}", "s", arm, arm, seed, 0, "val/psnr_copy_first", 9.0])
+    table = summary.summarize(_tidy(rows), reference="ref", order=["ref", "new", "few"])
+    new, ref = [finals["new"][s] for s in range(4)], [finals["ref"][s] for s in range(4)]
+    expected = stats.ttest_rel(new, ref)
+    ci = expected.confidence_interval(0.95)
+    row = table.loc["new"]
+    assert row["paired_n"] == 4 and row["paired_diff"] == pytest.approx(0.425)
+    assert (row["paired_ci_low"], row["paired_ci_high"]) == pytest.approx((ci.low, ci.high))
+    assert row["paired_p_value"] == pytest.approx(expected.pvalue)
+    welch_ci = stats.ttest_ind(new, ref, equal_var=False).confidence_interval(0.95)
+    assert (row["diff_ci_low"], row["diff_ci_high"]) == pytest.approx((welch_ci.low, welch_ci.high))
+    assert welch_ci.low < 0 < welch_ci.high  # Welch alone would find nothing
+    assert (row["verdict"], row["verdict_basis"]) == ("better", "paired by seed")
+    # One shared seed cannot be paired: the verdict falls back to Welch, and says so.
+    few = table.loc["few"]
+    assert few["paired_n"] == 1 and math.isnan(few["paired_ci_low"])
+    assert (few["verdict"], few["verdict_basis"]) == ("better", "Welch")
+    text = summary.to_markdown(table, reference="ref")
+    assert "| better (Welch) |" in text and "(4) | better |" in text
+    assert table.loc["ref", "verdict_basis"] == ""
+
+
+def test_paired_without_spread_is_untestable():
+    same = summary.paired(pd.Series([20.0, 24.0]), pd.Series([20.0, 24.0 + 1e-13]))
+    assert same.difference == 0.0 and summary.verdict(same) == "no difference at 2 seeds"
+    shifted = summary.paired(pd.Series([21.0, 25.0]), pd.Series([20.0, 24.0]))
+    assert summary.verdict(shifted) == "cannot test: no spread across 2 seeds"
