@@ -5,11 +5,11 @@ MLflow run.
                            [--storage URL|PATH.journal|PATH.log] [--study-name NAME]
                            [--sampler tpe|qmc|random] [--pruner median|hyperband|none]
                            [--profile smoke|cpu|full] [--epochs E] [--workers K] [--seed S]
-                           [--per-arm ABLATION [--rerun-seeds 0 1 2]]
+                           [--per-arm ABLATION [--rerun-seeds 1 2 3]]
                            [--device cpu|cuda|mps] [--data PATH]
 
     python -m studies.tune --spec report_final --n-trials 12 --profile cpu --epochs 8
-    python -m studies.tune --per-arm kl --n-trials 12 --profile cpu --rerun-seeds 0 1 2
+    python -m studies.tune --per-arm kl --n-trials 12 --profile cpu --rerun-seeds 1 2 3
     optuna-dashboard sqlite:///mlruns/optuna.db --host 127.0.0.1 --port 8080
 
 Search space, objective and pruning: see ``studies.tuning`` (a spec file's ``[search]`` table
@@ -31,7 +31,8 @@ their MLflow run KILLED, a non-finite loss fails the trial and the study goes on
   ``slice.png``, ``trials.csv``; it says whether the best point lies on the edge of the space.
 - ``--per-arm ABLATION`` (the tuning playbook's protocol): one study per arm
   (``<study>-<arm>``) with the same space, budget and sampler seed, the arm's scientific
-  setting fixed; then each arm's best settings are rerun over ``--rerun-seeds`` (experiment
+  setting fixed; then each arm's best settings are rerun over ``--rerun-seeds`` (by default
+  three seeds the trials did not train with: a trial's own seed is biased upward) (experiment
   ``<study>-rerun``) and compared with the ablation studies' summary table and figures
   (``mlruns/reports/<study>-rerun/``).
 """
@@ -39,6 +40,7 @@ their MLflow run KILLED, a non-finite loss fails the trial and the study goes on
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -86,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "report (the coordinating command writes it)")
     parser.add_argument("--rerun-seeds", type=seed_arg, nargs="+", default=None, metavar="SEED",
                         help="rerun the best settings over these seeds (default with --per-arm: "
-                             "0 1 2; otherwise no rerun)")
+                             "three seeds the trials did not train with, 1 2 3 for specs of "
+                             "seed 0; otherwise no rerun)")
     add_common(parser)
     return parser
 
@@ -429,7 +432,9 @@ def tune_per_arm(args: argparse.Namespace, ablation: Ablation, *, profile: str, 
     if missing:
         print(f"no rerun: arm(s) {', '.join(missing)} have no complete trial", file=sys.stderr)
         return 1
-    seeds = args.rerun_seeds if args.rerun_seeds is not None else [0, 1, 2]
+    seeds, warning = rerun_seeds(args.rerun_seeds, {r.job.base.seed for r in results})
+    if warning:
+        print(f"[{name}] warning: {warning}", file=sys.stderr, flush=True)
     tuned = Ablation(ablation.name, tuple(Arm(r.job.arm, r.best_spec, r.job.group,
                                               keep=tuple(r.job.space.keys))
                                           for r in results),
@@ -515,6 +520,23 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def rerun_seeds(requested: list[int] | None, trial_seeds: set[int], *,
+                count: int = 3) -> tuple[list[int], str | None]:
+    """The seeds to rerun best settings over, and a warning. Default: the first ``count``
+    seeds the trials did not train with. A trial's own seed would repeat the very run its
+    settings were picked on: the winner of many tries on one seed, biased upward."""
+    if requested is None:
+        fresh = (s for s in itertools.count() if s not in trial_seeds)
+        return list(itertools.islice(fresh, count)), None
+    reused = sorted(set(requested) & trial_seeds)
+    if not reused:
+        return list(requested), None
+    return list(requested), (
+        f"seed {' '.join(map(str, reused))}: the trials trained with it, so its rerun repeats "
+        "the run the best settings were picked on and is biased upward; seeds the trials did "
+        "not use give a fair estimate")
+
+
 def rerun_best(result: StudyResult, seeds: list[int]) -> int:
     """The best settings of one study over ``seeds`` (experiment ``<study>-rerun``)."""
     from studies import summary
@@ -522,6 +544,9 @@ def rerun_best(result: StudyResult, seeds: list[int]) -> int:
     from studies.report import report_study
 
     job = result.job
+    seeds, warning = rerun_seeds(seeds, {job.base.seed})
+    if warning:
+        print(f"[{job.study_name}] warning: {warning}", file=sys.stderr, flush=True)
     arm = Arm(job.base.name, result.best_spec, job.base.name, keep=tuple(job.space.keys))
     ablation = Ablation(job.study_name, (arm,), arm.name, "none (best settings over seeds)")
     ran = run_study(f"{job.study_name}-rerun", ablation, seeds=seeds, profile=job.profile,

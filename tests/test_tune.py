@@ -373,6 +373,7 @@ def test_per_arm_tunes_each_arm_then_reruns_the_best_over_seeds(tracking_store, 
                      "smoke", "--epochs", "2", "--rerun-seeds", "0", "1",
                      "--storage", str(tmp_path / "arms.journal"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "warning: seed 0: the trials trained with it" in result.stderr  # biased upward
     client = MlflowClient()
     trials = _child_runs(client, "tune-output-smoke-2ep")
     assert sorted((r.data.tags["arm"], r.data.tags["trial"]) for r in trials) == [
@@ -412,3 +413,13 @@ def test_importances_are_drawn_only_from_enough_complete_trials(tmp_path, comple
         assert "param_importances.png" not in names
         assert notes == [("parameter importances skipped: they need at least 5 complete "
                           f"trials ({complete} so far)")]
+
+
+def test_reruns_default_to_seeds_the_trials_did_not_train_with():
+    assert tune.rerun_seeds(None, {0}) == ([1, 2, 3], None)
+    assert tune.rerun_seeds(None, {0, 2}) == ([1, 3, 4], None)
+    assert tune.rerun_seeds([5, 6], {0}) == ([5, 6], None)
+    seeds, warning = tune.rerun_seeds([0, 1, 2], {0})
+    assert seeds == [0, 1, 2] and warning.startswith("seed 0: the trials trained with it")
+    assert "rerun the best settings over these seeds (default with --per-arm: three seeds the " \
+        "trials did not train with" in " ".join(tune.build_parser().format_help().split())
