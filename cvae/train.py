@@ -133,22 +133,32 @@ def rollout(
     ``detach_prev`` stops gradients through the previous frame's features (the report's
     choice). ``activate`` maps the generator's raw output to x_hat (default: the model's).
 
-    What does not depend on earlier predictions runs once over all B*(T-1) frames: the label
-    and ground-truth encoders, the posterior, z; under teacher forcing the decoder too (and
+    What does not depend on earlier predictions runs once over all B*(T-1) frames: the
+    ground-truth encoder, the posterior, z; under teacher forcing the decoder too (and
     one frame-encoder pass over all T frames serves both the posterior and the previous
     frames); the learned prior after the loop. Only the autoregressive chain (encode the previous
-    prediction, decode) runs step by step.
+    prediction, decode) runs step by step, and in training the label encoder, whose BatchNorm
+    takes per-step batch statistics as in the template's loop.
     """
     activate = activate or model.activate
     B, T = frames.shape[:2]
     steps = T - 1
-    # The label encoder sees all T labels, as it always has (its BatchNorm batch statistics).
     # Frames 2..T picked by index, not by flattening a 5-D slice: indexing keeps the encoder's
     # memory format (channels_last), a reshape would copy to NCHW, and every convolution that
     # reads the features would then copy them back.
     keep = (torch.arange(B, device=labels.device)[:, None] * T
             + torch.arange(1, T, device=labels.device)).flatten()
-    label_features_flat = model.label_encoder(labels.flatten(0, 1))[keep]  # (B*S, L, H, W)
+    if model.training:
+        # The label encoder holds the model's only BatchNorm. In training it runs once per
+        # step on that step's B labels, as the template's loop does: batch statistics over
+        # each step's labels, running statistics updated once per step, in step order. The
+        # steps' outputs come step-major; the index puts them in (clip, step) order.
+        by_step = torch.cat([model.label_encoder(labels[:, t]) for t in range(1, T)])
+        order = (torch.arange(B, device=labels.device)[:, None]
+                 + B * torch.arange(steps, device=labels.device)).flatten()
+        label_features_flat = by_step[order]  # (B*S, L, H, W)
+    else:  # running statistics: one pass over all labels gives the same values
+        label_features_flat = model.label_encoder(labels.flatten(0, 1))[keep]
     label_features = label_features_flat.unflatten(0, (B, steps))
     mixed = isinstance(teacher_forcing, torch.Tensor)
     forced = not mixed and bool(teacher_forcing)

@@ -331,29 +331,36 @@ def _stepwise_loss(model, frames, labels, eps, *, teacher_forcing, detach_prev):
 @pytest.mark.parametrize("teacher_forcing", [True, False])
 @pytest.mark.parametrize("prior", ["standard_normal", "learned"])
 @pytest.mark.parametrize("detach_prev", [True, False])
-def test_batched_rollout_is_the_stepwise_rollout(teacher_forcing, prior, detach_prev):
+@pytest.mark.parametrize("training", [True, False])
+def test_batched_rollout_is_the_stepwise_rollout(teacher_forcing, prior, detach_prev, training):
     """The rollout runs the encoders, the posterior (and under teacher forcing the decoder)
     once over all frames and keeps only the autoregressive chain step by step: in float64 its
-    loss and every gradient equal the template's frame-by-frame computation. BatchNorm is in
-    eval mode so that batching the label encoder cannot change its statistics."""
+    loss and every gradient equal the template's frame-by-frame computation. In training the
+    label encoder's BatchNorm takes each step's batch statistics and updates its running
+    statistics once per step, as the template's loop does."""
     from cvae.train import rollout, rollout_loss
 
     torch.manual_seed(0)
-    model = VideoCVAE(**DIMS, prior=prior).double().eval()
+    model = VideoCVAE(**DIMS, prior=prior).double().train(training)
+    template = copy.deepcopy(model)
     frames, labels = square_video(10)
     frames = to_unit(frames).double().view(2, 5, 3, H, W)
     labels = to_unit(labels).double().view(2, 5, 3, H, W)
     eps = torch.randn(2, 4, DIMS["latent_dim"], H, W, dtype=torch.float64)
 
-    reference = _stepwise_loss(model, frames, labels, eps, teacher_forcing=teacher_forcing,
+    reference = _stepwise_loss(template, frames, labels, eps, teacher_forcing=teacher_forcing,
                                detach_prev=detach_prev)
-    expected = torch.autograd.grad(reference, list(model.parameters()))
+    expected = torch.autograd.grad(reference, list(template.parameters()))
     ours = rollout_loss(rollout(model, frames, labels, eps, teacher_forcing=teacher_forcing,
                                 detach_prev=detach_prev), 0.3)[0]
     grads = torch.autograd.grad(ours, list(model.parameters()))
     torch.testing.assert_close(ours, reference, rtol=1e-10, atol=0)
     for (name, _), got, want in zip(model.named_parameters(), grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12, msg=name)
+    for (name, got), want in zip(model.named_buffers(), template.buffers()):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0, msg=name)
+    if training:  # 4 steps: 4 updates of the running statistics
+        assert model.label_encoder[2].num_batches_tracked.item() == 4
 
 
 @pytest.mark.parametrize("teacher_forcing", [True, False])
