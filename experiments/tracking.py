@@ -50,10 +50,30 @@ def configure() -> str:
             raise TrackingError(f"cannot create {path.parent}: {err.strerror}") from None
         if not os.access(path.parent, os.W_OK):
             raise TrackingError(f"tracking folder {path.parent} is not writable")
+        _create_sqlite_store(uri, path)
     if uri.startswith(("http://", "https://")):
         probe_server(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def _create_sqlite_store(uri: str, path: Path) -> None:
+    """Create (or migrate) the SQLite store's tables in one process at a time. MLflow creates
+    them on first use without a lock: two runs started together on a new store (two
+    terminals, a shell loop with ``&``) both ran the migrations, and every one of them died
+    half way (``table _alembic_tmp_runs already exists``), leaving a broken store."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (start the first run alone)
+        return
+    from mlflow.tracking import MlflowClient
+
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)  # builds the tables
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def probe_server(uri: str, *, timeout: float = 5.0) -> None:
