@@ -126,7 +126,7 @@ def parent_run(client: Any, experiment_id: str, study: str, ablation: Ablation, 
 
     ``epochs`` is the resolved number of epochs. The parent records its arms' resolved spec
     hashes (tag ``spec_hashes``): the runs of this configuration, whichever parent created
-    them (studies.results.finished_children).
+    them (studies.results.study_children).
     """
     hashes = ",".join(spec_hash(resolve_arm(a, profile=profile, seed=0, epochs=epochs, data=data))
                       for a in ablation.arms)

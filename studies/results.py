@@ -7,9 +7,9 @@ Which runs: the FINISHED runs of a study (``tags.study``) other than its parent 
 ``study_parent=1``). When the study has parent runs, those of one parent's configuration (by
 default the most recently used parent) are taken: a parent stands for one configuration of
 the study (profile, epochs, data) and lists its arms' resolved spec hashes, so runs of
-different configurations are never averaged (``finished_children``). The configuration's
+different configurations are never averaged (``study_children``). The configuration's
 (arm, seed) pairs with no FINISHED run (a FAILED run: a diverged loss is a result too; a
-KILLED or still RUNNING one) are listed beside the tables (``unfinished_children``), never
+KILLED or still RUNNING one) are listed beside the tables (also ``study_children``), never
 silently dropped.
 
 Two tidy tables, one row per observation:
@@ -144,36 +144,35 @@ def find_parents(client: Any, study: str | None = None) -> list[Any]:
     return sorted(runs, key=lambda r: r.info.end_time or r.info.start_time or 0, reverse=True)
 
 
-def finished_children(client: Any, study: str, parent_run_id: str | None = None) -> list[Any]:
-    """FINISHED runs of ``study`` that are not parent runs; with ``parent_run_id``, those of
-    that parent's configuration.
+def study_children(client: Any, study: str,
+                   parent_run_id: str | None = None) -> tuple[list[Any], list[Any]]:
+    """The runs of ``study`` that are not parent runs, as (finished, unfinished); with
+    ``parent_run_id``, those of that parent's configuration.
 
     A configuration's runs are those whose ``spec_hash`` is one of its arms' (the parent's
     ``spec_hashes`` tag), whichever parent created them: a run reused by a later
     configuration (an arm whose resolved spec did not change) belongs to both. A parent
     without that tag (written by an older version) holds the runs that point at it. Of two
     FINISHED runs of one (spec, seed) the newest counts, as the runner would reuse it.
+    ``unfinished``: the newest run of each (spec, seed) that has no FINISHED run (FAILED, e.g.
+    a non-finite loss with its ``stop_reason``; KILLED; RUNNING), what the tables leave out.
+    Both lists carry the same arm labels (``_label_configurations``).
     """
-    runs = list(_newest_per_pair(client, study, parent_run_id, "= 'FINISHED'").values())
-    _label_configurations(runs)
-    return sorted(runs, key=lambda r: (r.data.tags.get("arm", ""), _seed(r)))
-
-
-def unfinished_children(client: Any, study: str, parent_run_id: str | None = None) -> list[Any]:
-    """The newest run of each (spec, seed) of the configuration (as ``finished_children``)
-    that has no FINISHED run: FAILED (e.g. a non-finite loss, reason in ``stop_reason``),
-    KILLED or RUNNING. What the tables leave out."""
     finished = _newest_per_pair(client, study, parent_run_id, "= 'FINISHED'")
     others = _newest_per_pair(client, study, parent_run_id, "!= 'FINISHED'")
-    runs = [run for key, run in others.items() if key not in finished]
-    _label_configurations([*finished.values(), *runs])  # the labels the tables use
-    return sorted(runs, key=lambda r: (r.data.tags.get("arm", ""), _seed(r)))
+    unfinished = [run for key, run in others.items() if key not in finished]
+    _label_configurations([*finished.values(), *unfinished])
+
+    def ordered(runs):
+        return sorted(runs, key=lambda r: (r.data.tags.get("arm", ""), _seed(r)))
+
+    return ordered(finished.values()), ordered(unfinished)
 
 
 def _newest_per_pair(client: Any, study: str, parent_run_id: str | None,
                      status: str) -> dict[tuple[str, int], Any]:
     """(spec_hash, seed) -> the newest run of ``study`` whose status matches ``status`` (an
-    MLflow filter clause) among the configuration's runs (see ``finished_children``)."""
+    MLflow filter clause) among the configuration's runs (see ``study_children``)."""
     query = f"tags.study = {_quote(study)} and attributes.status {status}"
     hashes: set[str] | None = None
     if parent_run_id is not None:
@@ -358,12 +357,11 @@ def load_study(study: str, *, parent_run_id: str | None = None, client: Any | No
     client = client_or_default(client)
     parent = resolve_parent(client, study, parent_run_id)
     parent_id = parent.info.run_id if parent is not None else None
-    runs = finished_children(client, study, parent_id)
+    runs, unfinished = study_children(client, study, parent_id)
     metrics = tidy_metrics(client, runs, study=study)
     frames = tidy_per_frame(client, runs, study=study, metrics=metrics) if per_frame \
         else pd.DataFrame(columns=FRAME_COLUMNS)
-    return StudyResults(study_meta(study, runs, parent), runs, metrics, frames,
-                        unfinished_children(client, study, parent_id))
+    return StudyResults(study_meta(study, runs, parent), runs, metrics, frames, unfinished)
 
 
 def write_tables(results: StudyResults, out_dir: str | Path) -> list[Path]:
