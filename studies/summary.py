@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -94,17 +94,26 @@ def welch(values: Sequence[float], reference: Sequence[float], *,
         return Comparison(difference, math.nan, math.nan, math.nan, math.nan, math.nan, n_a, n_b)
     var_a, var_b = float(a.var(ddof=1)), float(b.var(ddof=1))
     se = math.sqrt(var_a / n_a + var_b / n_b)
-    tolerance = 1e-9 * max(1.0, abs(float(a.mean())), abs(float(b.mean())))
+    scale = max(abs(float(a.mean())), abs(float(b.mean())))
+    return _t_comparison(difference, se, welch_df(var_a, n_a, var_b, n_b), n_a, n_b,
+                         scale=scale, confidence=confidence)
+
+
+def _t_comparison(difference: float, se: float, df: float, n: int,
+                  n_reference: int, *, scale: float, confidence: float) -> Comparison:
+    """The t interval and two-sided p of ``difference`` with standard error ``se``. With no
+    spread (``se`` at rounding level for values of size ``scale``) t is undefined: nan
+    interval, and a difference that is itself rounding noise becomes exactly 0."""
+    tolerance = 1e-9 * max(1.0, scale)
     if se <= tolerance:
         difference = difference if abs(difference) > tolerance else 0.0
         return Comparison(difference, math.nan, math.nan, math.nan, math.nan, math.nan,
-                          n_a, n_b)
-    df = welch_df(var_a, n_a, var_b, n_b)
+                          n, n_reference)
     statistic = difference / se
     half = float(stats.t.ppf((1 + confidence) / 2, df)) * se
     p_value = float(2 * stats.t.sf(abs(statistic), df))
     return Comparison(difference, difference - half, difference + half, df, statistic, p_value,
-                      n_a, n_b)
+                      n, n_reference)
 
 
 def paired(values: pd.Series, reference: pd.Series, *,
@@ -117,33 +126,22 @@ def paired(values: pd.Series, reference: pd.Series, *,
     d = (values.loc[common].to_numpy(float) - reference.loc[common].to_numpy(float))
     n = d.size
     difference = float(d.mean()) if n else math.nan
-    undefined = Comparison(difference, math.nan, math.nan, math.nan, math.nan, math.nan, n, n)
     if n < 2:
-        return undefined
+        return Comparison(difference, math.nan, math.nan, math.nan, math.nan, math.nan, n, n)
     se = float(d.std(ddof=1)) / math.sqrt(n)
-    scale = max(1.0, float(np.abs(values.loc[common]).max()))
-    if se <= 1e-9 * scale:
-        if abs(difference) <= 1e-9 * scale:
-            difference = 0.0
-        return replace(undefined, difference=difference)
-    statistic = difference / se
-    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * se
-    p_value = float(2 * stats.t.sf(abs(statistic), n - 1))
-    return Comparison(difference, difference - half, difference + half, n - 1, statistic,
-                      p_value, n, n)
+    return _t_comparison(difference, se, n - 1, n, n,
+                         scale=float(np.abs(values.loc[common]).max()), confidence=confidence)
 
 
-def seeds_phrase(n: int, n_reference: int, unit: str = "seeds") -> str:
-    return f"{n} {unit}" if n == n_reference else f"{n} vs {n_reference} {unit}"
+def seeds_phrase(n: int, n_reference: int) -> str:
+    return f"{n} seeds" if n == n_reference else f"{n} vs {n_reference} seeds"
 
 
-def verdict(comparison: Comparison, *, higher_is_better: bool = True,
-            unit: str = "seeds") -> str:
-    """A plain reading of the interval of the difference (arm - reference); ``unit`` names
-    the replicates."""
-    seeds = seeds_phrase(comparison.n, comparison.n_reference, unit)
+def verdict(comparison: Comparison, *, higher_is_better: bool = True) -> str:
+    """A plain reading of the interval of the difference (arm - reference)."""
+    seeds = seeds_phrase(comparison.n, comparison.n_reference)
     if comparison.n < 2 or comparison.n_reference < 2:
-        return f"not enough {unit}"
+        return "not enough seeds"
     if math.isnan(comparison.ci_low):  # no spread on either side: nothing to test
         return f"no difference at {seeds}" if comparison.difference == 0 else \
             f"cannot test: no spread across {seeds}"
