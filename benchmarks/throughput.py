@@ -11,7 +11,7 @@
 (b) runner: one run through ``cvae.train.train_epoch`` (uint8 clips decoded once, the
     project's rollout: encoders, posterior and z once over all frames, only the
     autoregressive chain per step), model in channels_last; on CUDA, as in the runner, each
-    step's forward and backward replay as one CUDA graph (``cvae.train.StepGraphs``);
+    step's forward and backward replay as one CUDA graph (``cvae.graphs.StepGraphs``);
 (c) packed: K members through ``cvae.packed.PackedTrainer`` (one vmapped computation, a CUDA
     graph on CUDA), one row per ``--packed-convs`` form of the members' dense convolutions
     (grouped convolutions, or batched GEMMs for the 1x1 ones or for all).

@@ -42,6 +42,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn import functional as F
 
+from cvae.graphs import StepGraphs
 from cvae.model import VideoCVAE
 from cvae.schedules import kl_beta
 from cvae.train import (
@@ -49,7 +50,6 @@ from cvae.train import (
     FitState,
     Hooks,
     NonFiniteLossError,
-    StepGraphs,
     _draw,
     autocast,
     autocast_dtype,
@@ -354,7 +354,7 @@ class PackedTrainer:
     --packed-convs``).
 
     On CUDA (unless a config says ``cuda_graphs=False``) each step's vmapped forward and
-    backward replay as a CUDA graph (``cvae.train.StepGraphs``).
+    backward replay as a CUDA graph (``cvae.graphs.StepGraphs``).
     """
 
     def __init__(self, states: Sequence[FitState], configs: Sequence[FitConfig], *,

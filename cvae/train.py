@@ -13,9 +13,7 @@ whose states go into checkpoints, so a resumed run continues the very same rando
 
 from __future__ import annotations
 
-import gc
 import math
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from cvae.graphs import StepGraphs, graphable
 from cvae.losses import kl_gaussians, kl_standard_normal, reconstruction_mse
 from cvae.metrics import psnr_per_frame
 from cvae.model import VideoCVAE, reparameterize
@@ -216,129 +215,14 @@ def rollout_loss(out: Rollout, beta: torch.Tensor | float) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA graphs of a training step
+# Optimizer, LR schedule, training step
 # ---------------------------------------------------------------------------------------------
-class _CudaGraph:
-    """``fn(key, *inputs)`` captured as one CUDA graph (in ``pool``, shared by the graphs of
-    one ``StepGraphs``); ``replay`` reruns its kernels on the same memory and returns the same
-    output tensors, refilled."""
-
-    def __init__(self, fn: Callable[..., Any], key: Any, inputs: tuple[torch.Tensor, ...],
-                 pool: Any):
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.outputs = fn(key, *inputs)
-
-    def replay(self) -> Any:
-        self.graph.replay()
-        return self.outputs
-
-
-class StepGraphs:
-    """Runs ``fn(key, *inputs)`` (a training step's forward and backward: tensors in, tensors
-    out) as CUDA graphs, one per ``key`` (what changes the kernels: batch shape, teacher
-    forcing). At the lab's size a step is thousands of small kernels, and launching them one
-    by one from Python is what bounds a run on a GPU; a replay launches them all at once.
-
-    The first call with a key runs ``fn`` eagerly on a side stream (the warm-up CUDA graphs
-    need: cuDNN plans, autograd's lazy state) and its result is that step's result; the
-    second captures ``fn`` on static copies of the inputs, and every call from then on copies
-    its inputs into them and replays. The graphs share one memory pool (they never run at
-    once). Outputs are static tensors that the next replay of any of these graphs overwrites:
-    use them before the next call.
-
-    A warm-up that runs out of GPU memory while graphs hold theirs (a big pack meeting a new
-    key, e.g. an epoch's last, smaller batch) drops the graphs, frees their memory and runs
-    again; the dropped keys are captured again when they next come (already warmed, they need
-    no second warm-up), sharing one new pool. If a capture fails, graphs are given up: every
-    later call runs eagerly, with a warning, slower but not wrong. (An out-of-memory in the
-    middle of a forward may have moved BatchNorm running statistics once more than eager
-    training would.)
-    """
-
-    def __init__(self, fn: Callable[..., Any], *, graph: type | None = None):
-        self.fn = fn
-        self.graph_type = graph or _CudaGraph
-        self.graphs: dict[Any, tuple[tuple[torch.Tensor, ...], Any]] = {}
-        self.warmed: set[Any] = set()  # keys that ran their eager warm-up
-        self.off: str | None = None  # why graphs were given up: every call eager
-        self.pool: Any = None
-
-    def __call__(self, key: Any, *inputs: torch.Tensor) -> Any:
-        if self.off is None and key not in self.graphs:
-            if key not in self.warmed:
-                return self._warm_up(key, inputs)
-            self._capture(key, inputs)
-        if self.off is not None:
-            return self.fn(key, *inputs)
-        static, graph = self.graphs[key]
-        for buffer, value in zip(static, inputs):
-            buffer.copy_(value)
-        return graph.replay()
-
-    def _warm_up(self, key: Any, inputs: tuple[torch.Tensor, ...]) -> Any:
-        def run():
-            return self._side_stream(inputs[0].device, lambda: self.fn(key, *inputs))
-
-        try:
-            result = run()
-        except torch.cuda.OutOfMemoryError:
-            if not self.graphs:
-                raise  # eager training would not fit either
-            self._release()
-            result = run()
-        self.warmed.add(key)
-        return result
-
-    def _release(self) -> None:
-        """Drop every graph and free its memory (the pool goes with the last graph)."""
-        self.graphs.clear()
-        self.pool = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def _capture(self, key: Any, inputs: tuple[torch.Tensor, ...]) -> None:
-        static = tuple(value.clone() for value in inputs)
-        try:
-            if self.pool is None and self.graph_type is _CudaGraph:
-                self.pool = torch.cuda.graph_pool_handle()
-            self.graphs[key] = (static, self.graph_type(self.fn, key, static, self.pool))
-        except RuntimeError as error:  # out of memory, or an operation a graph cannot hold
-            self._give_up(f"capture failed ({type(error).__name__}: {error})")
-
-    def _give_up(self, why: str) -> None:
-        self._release()
-        self.off = why.splitlines()[0][:300]
-        warnings.warn(f"CUDA graphs off for this training: {self.off}; it goes on eagerly",
-                      RuntimeWarning, stacklevel=3)
-
-    @staticmethod
-    def _side_stream(device: torch.device, work: Callable[[], Any]) -> Any:
-        if device.type != "cuda":
-            return work()
-        main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
-        side.wait_stream(main)
-        try:
-            with torch.cuda.stream(side):
-                return work()
-        finally:  # even after an error: nothing on the main stream may overtake that work
-            main.wait_stream(side)
-
-
-def _graphable(device: torch.device) -> bool:
-    return device.type == "cuda"
-
-
 def cuda_graphs_wanted(config: FitConfig, device: torch.device) -> bool:
     """Whether training on ``device`` replays CUDA graphs: on CUDA, unless the config says
     no."""
-    return config.cuda_graphs and _graphable(device)
+    return config.cuda_graphs and graphable(device)
 
 
-# ---------------------------------------------------------------------------------------------
-# Optimizer, LR schedule, training step
-# ---------------------------------------------------------------------------------------------
 def make_optimizer(
     params, *, kind: OptimizerKind = "adam", lr: float = 1e-3, weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:
@@ -519,7 +403,7 @@ def generate(
         def step(key, prev, label_t, *eps):
             return _generate_step(model, prev, label_t, eps[0] if eps else None)
 
-        if cuda_graphs and _graphable(device):
+        if cuda_graphs and graphable(device):
             step = StepGraphs(step)  # ~1,000 small kernels a frame: one launch instead
         outputs = [prev]
         shape = (n, model.latent_dim, *prev.shape[-2:])

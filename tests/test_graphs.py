@@ -1,4 +1,4 @@
-"""CUDA graphs of the training step (cvae.train.StepGraphs), single runs and packs.
+"""CUDA graphs of the training step (cvae.graphs.StepGraphs), single runs and packs.
 
 On a CPU the graph is ``_Rerun``: replaying calls the captured function again on the static
 inputs and rewrites the same output tensors, so everything around a graph (static buffers
@@ -15,14 +15,15 @@ from typing import Any
 import pytest
 import torch
 
+import cvae.graphs
 import cvae.train
+from cvae.graphs import StepGraphs
 from cvae.model import VideoCVAE
 from cvae.packed import PackedTrainer
 from cvae.schedules import TeacherForcing
 from cvae.train import (
     FitConfig,
     Hooks,
-    StepGraphs,
     cuda_graphs_wanted,
     new_fit_state,
     step_graphs,
@@ -31,7 +32,7 @@ from cvae.train import (
 
 
 class _Rerun:
-    """``cvae.train._CudaGraph``'s stand-in without CUDA: ``replay`` calls ``fn`` on the
+    """``cvae.graphs._CudaGraph``'s stand-in without CUDA: ``replay`` calls ``fn`` on the
     static inputs again and copies the results into the same output tensors every time, as a
     graph's replay rewrites its outputs. So everything around a graph (static inputs refilled
     per call, outputs used before the next call, one graph per key, the eager first call, the
@@ -258,8 +259,8 @@ def test_real_cuda_graphs_match_eager_cuda_training(packed):
 def test_graphed_generation_is_eager_generation(monkeypatch, latent, samples):
     """Evaluation's closed-loop rollout, one graph replay per frame, draws the same noise in
     the same order and generates the same frames as eager (the stand-in graph here)."""
-    monkeypatch.setattr(cvae.train, "_graphable", lambda device: True)
-    monkeypatch.setattr(cvae.train, "_CudaGraph", _Rerun)
+    monkeypatch.setattr(cvae.train, "graphable", lambda device: True)
+    monkeypatch.setattr(cvae.graphs, "_CudaGraph", _Rerun)
     made = []
     real = cvae.train.StepGraphs
 
