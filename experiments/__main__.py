@@ -13,24 +13,9 @@ import sys
 from dataclasses import replace
 
 from experiments.cli import add_common, guarded, resolve_profile_and_device, seed_arg
-from experiments.registry import (
-    ABLATIONS,
-    PROFILES,
-    SPECS,
-    apply_profile,
-    explicit_keys,
-    list_specs,
-    resolve_spec,
-)
+from experiments.registry import ABLATIONS, PROFILES, SPECS, list_specs, resolve
 from experiments.runner import RunContext, run_experiment
-from experiments.spec import (
-    ExperimentSpec,
-    SpecError,
-    apply_overrides,
-    parse_set,
-    spec_hash,
-    to_json,
-)
+from experiments.spec import SpecError, parse_set, spec_hash, to_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,20 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolved(spec_name: str, overrides: list[str], profile: str | None, epochs: int | None,
-             data: str | None = None) -> ExperimentSpec:
-    changes = parse_set(overrides)
-    spec = apply_overrides(resolve_spec(spec_name), changes)
-    keep = explicit_keys(spec_name) | set(changes)  # chosen by the user: the profile keeps them
-    if data is not None:
-        spec = replace(spec, data=replace(spec.data, source=data))
-    if profile is not None:
-        spec = apply_profile(spec, profile, epochs=epochs, keep=keep)
-    elif epochs is not None:
-        spec = apply_profile(spec, "full", epochs=epochs, keep=keep)
-    return spec
-
-
 @guarded
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -91,13 +62,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {ablation.name}: {', '.join(a.name for a in ablation.arms)}")
         return 0
     if args.command == "show":
-        spec = resolved(args.spec, args.overrides, args.profile, args.epochs)
+        spec = resolve(args.spec, profile=args.profile, epochs=args.epochs,
+                       overrides=parse_set(args.overrides))
         print(to_json(spec))
         print(f"spec_hash: {spec_hash(spec)}", file=sys.stderr)
         return 0
 
     profile, device = resolve_profile_and_device(args)
-    base = resolved(args.spec, args.overrides, profile, args.epochs, args.data)
+    base = resolve(args.spec, profile=profile, epochs=args.epochs, data=args.data,
+                   overrides=parse_set(args.overrides))
     failed = 0
     for seed in args.seeds:
         spec = replace(base, seed=seed)

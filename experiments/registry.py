@@ -16,7 +16,7 @@ accepted wherever a registered name is (``python -m experiments run my_lr.toml``
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -318,6 +318,33 @@ def apply_profile(spec: ExperimentSpec, profile: str, *, epochs: int | None = No
     if settings.eval_every:
         spec = replace(spec, eval=replace(spec.eval, every=min(settings.eval_every, target)))
     return spec
+
+
+def resolve(spec: str | ExperimentSpec, *, profile: str | None, epochs: int | None = None,
+            data: str | None = None, seed: int | None = None,
+            overrides: Mapping[str, Any] | None = None,
+            keep: Collection[str] = ()) -> ExperimentSpec:
+    """The spec as it runs: the one resolver of every command, study, tuning trial and queue
+    worker, so that the same choices give the same ``spec_hash`` wherever they are made.
+
+    In this order: the spec (a registered name, a ``.toml`` file or a spec), the user's
+    ``overrides`` (``--set``), the ``data`` folder, the ``profile`` with ``epochs`` (``epochs``
+    without a profile rescales the spec as it is), the ``seed``. The keys the user chose (the
+    overrides, a spec file's own keys, ``keep``: e.g. tuned values) are left as they are by
+    the profile (``apply_profile``).
+    """
+    chosen = set(keep)
+    if isinstance(spec, str):
+        chosen |= explicit_keys(spec)
+        spec = resolve_spec(spec)
+    if overrides:
+        spec = apply_overrides(spec, overrides)
+        chosen |= set(overrides)
+    if data is not None:
+        spec = replace(spec, data=replace(spec.data, source=data))
+    if profile is not None or epochs is not None:
+        spec = apply_profile(spec, profile or "full", epochs=epochs, keep=chosen)
+    return spec if seed is None else replace(spec, seed=seed)
 
 
 def synthetic_size(profile: str) -> str:

@@ -121,11 +121,20 @@ def get_or_create_experiment(name: str, *, retries: int = 3) -> str:
             last = err
             time.sleep(0.5 * 2**attempt)
     raise TrackingError(f"tracking store {mask_secrets(tracking_uri())} unreachable: "
-                        f"{mask_secrets(_first_line(last))}")
+                        f"{first_line(last)}")
 
 
-def _first_line(err: Exception | None) -> str:
-    return str(err).strip().splitlines()[0] if err and str(err).strip() else type(err).__name__
+def first_line(err: BaseException | None, *, with_type: bool = False) -> str:
+    """The first line of an error's message, secrets masked: how every one-line message
+    quotes an error (``with_type``: prefixed with its class name)."""
+    text = str(err).strip() if err is not None else ""
+    line = text.splitlines()[0] if text else type(err).__name__
+    return mask_secrets(f"{type(err).__name__}: {line}" if with_type and text else line)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a ``sqlite:///PATH`` URI, else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 def git_commit() -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.registry import ABLATIONS, SPECS, apply_profile
+from experiments.registry import ABLATIONS, SPECS, resolve
 from experiments.spec import spec_hash
 
 # name: (as registered, at smoke, at cpu, at full); None: not a registered spec
@@ -52,4 +52,4 @@ def test_spec_hashes_are_unchanged_at_every_profile(name, spec):
     if registered is not None:
         assert spec_hash(spec) == registered
     for profile, column in PROFILE_COLUMNS.items():
-        assert spec_hash(apply_profile(spec, profile)) == PINNED[name][column], profile
+        assert spec_hash(resolve(spec, profile=profile)) == PINNED[name][column], profile

@@ -12,6 +12,7 @@ from experiments.registry import (
     apply_profile,
     explicit_keys,
     list_specs,
+    resolve,
     resolve_spec,
 )
 from experiments.spec import (
@@ -144,21 +145,24 @@ def test_profiles_change_size_not_science():
 def test_cpu_profile_lr_applies_unless_chosen(tmp_path):
     """The cpu profile's short-run lr (2e-3) replaces every arm's lr alike; an lr set by the
     user (--set, a spec file) is kept; the full profile keeps the spec's own."""
-    from experiments.__main__ import resolved
-
     for name in ("kl_cyclical", "lab_template"):
         assert apply_profile(SPECS[name], "cpu").optim.lr == 2e-3
         assert apply_profile(SPECS[name], "full").optim.lr == SPECS[name].optim.lr
     assert apply_profile(SPECS["kl_cyclical"], "cpu", keep={"optim.lr"}).optim.lr == 3e-4
-    assert resolved("kl_cyclical", ["optim.lr=5e-4"], "cpu", None).optim.lr == 5e-4
-    assert resolved("kl_cyclical", [], "cpu", None).optim.lr == 2e-3
+    assert resolved("kl_cyclical", ["optim.lr=5e-4"], "cpu").optim.lr == 5e-4
+    assert resolved("kl_cyclical", [], "cpu").optim.lr == 2e-3
     path = tmp_path / "mine.toml"
     path.write_text('base = "kl_cyclical"\n[optim]\nlr = 1e-4\n')
     assert explicit_keys(str(path)) == {"optim.lr"}
-    assert resolved(str(path), [], "cpu", None).optim.lr == 1e-4
+    assert resolved(str(path), [], "cpu").optim.lr == 1e-4
     on_top = tmp_path / "on_top.toml"  # a spec file built on another keeps its base's choice
     on_top.write_text(f'base = "{path}"\n[kl]\nratio = 0.25\n')
-    assert resolved(str(on_top), [], "cpu", None).optim.lr == 1e-4
+    assert resolved(str(on_top), [], "cpu").optim.lr == 1e-4
+
+
+def resolved(name: str, overrides: list[str], profile: str) -> object:
+    """As ``python -m experiments show NAME --set ... --profile P`` resolves it."""
+    return resolve(name, profile=profile, overrides=parse_set(overrides))
 
 
 def test_list_filters_with_glob():
@@ -200,21 +204,19 @@ def test_short_profiles_keep_every_multistep_lr_decay():
 def test_profile_keeps_schedule_values_the_user_chose(tmp_path):
     """A profile rescales epoch-indexed schedules to its shorter run, except the values the
     user set (--set, a spec file): those run as written, as a chosen lr does."""
-    from experiments.__main__ import resolved
-
     chosen = ["kl.cycles=4", "teacher_forcing.decay_start=3",
               "teacher_forcing.decay_step=0.25", "lr_schedule.milestones=[2, 6]"]
-    spec = resolved("tfr_decay", chosen, "cpu", None)
+    spec = resolved("tfr_decay", chosen, "cpu")
     assert spec.kl.cycles == 4
     assert (spec.teacher_forcing.decay_start, spec.teacher_forcing.decay_step) == (3, 0.25)
     assert spec.lr_schedule.milestones == (2, 6)
-    rescaled = resolved("tfr_decay", [], "cpu", None)  # what the profile does by itself
+    rescaled = resolved("tfr_decay", [], "cpu")  # what the profile does by itself
     full = SPECS["tfr_decay"]
     assert rescaled.kl.cycles != 4 and rescaled.lr_schedule.milestones != (2, 6)
     assert rescaled.teacher_forcing.decay_start == round(
         full.teacher_forcing.decay_start * rescaled.train.epochs / full.train.epochs)
     path = tmp_path / "mine.toml"
     path.write_text('base = "tfr_decay"\n[kl]\ncycles = 3\n[teacher_forcing]\ndecay_start = 2\n')
-    from_file = resolved(str(path), [], "cpu", None)
+    from_file = resolved(str(path), [], "cpu")
     assert (from_file.kl.cycles, from_file.teacher_forcing.decay_start) == (3, 2)
     assert from_file.teacher_forcing.decay_step == rescaled.teacher_forcing.decay_step
