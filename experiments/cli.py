@@ -18,6 +18,14 @@ from experiments.spec import SpecError
 USER_ERRORS = (SpecError, DatasetError, tracking.TrackingError)
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (exit 2) with secrets masked: a
+    typo must not echo a database URL's password back to the terminal."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {tracking.mask_secrets(message)}\n")
+
+
 def fail(message: str) -> int:
     print(f"error: {tracking.mask_secrets(message)}", file=sys.stderr)
     return 2
@@ -65,7 +73,7 @@ def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
         try:
             return main(argv)
         except USER_ERRORS as err:
-            return fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+            return fail(tracking.first_line(err))
         except KeyboardInterrupt:
             print("interrupted: the last checkpoint is saved; rerun the same command to resume",
                   file=sys.stderr)
@@ -73,8 +81,8 @@ def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
         except Exception as err:
             if not _tracking_failure(err):
                 raise
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            return fail(f"tracking store {tracking.tracking_uri()} failed: {first}; the last "
+            return fail(f"tracking store {tracking.tracking_uri()} failed: "
+                        f"{tracking.first_line(err)}; the last "
                         "checkpoint is kept: rerun the same command to resume")
 
     return wrapper

@@ -334,7 +334,7 @@ def _stop(client: Any, member: _Member, err: BaseException) -> None:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) or \
             type(err).__name__ == "TrialPruned" else "FAILED"
         reason = "interrupted" if isinstance(err, KeyboardInterrupt) else \
-            tracking.mask_secrets(f"{type(err).__name__}: {err}".splitlines()[0])
+            tracking.first_line(err, with_type=True)
     try:
         client.set_tag(member.run_id, "stop_reason", reason)
         client.set_terminated(member.run_id, status)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import sys
 
-from studies.common import Study, run_cli
+from studies.cli import Study, run_cli
 
 STUDY = Study(name="kl_ablation", ablation="kl", doc=__doc__)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 
-from studies.common import Study, run_cli
+from studies.cli import Study, run_cli
 
 STUDY = Study(name="prior_ablation", ablation="prior", doc=__doc__)
 

@@ -42,7 +42,7 @@ from studies.results import (
     write_tables,
 )
 
-REPORTS = Path("mlruns") / "reports"
+REPORTS = Path("mlruns") / "reports"  # every report's default folder (studies.tune's too)
 
 
 @dataclass

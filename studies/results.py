@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-# Tags the study orchestration (studies.common) writes on a study's parent run.
+# Tags the study orchestration (studies.grid) writes on a study's parent run.
 PARENT_TAG = "study_parent"
 TAG_ABLATION = "ablation"
 TAG_REFERENCE = "reference_arm"
@@ -131,7 +131,8 @@ def is_parent(run: Any) -> bool:
     return run.data.tags.get(PARENT_TAG) == "1"
 
 
-def _quote(text: str) -> str:
+def quote(text: str) -> str:
+    """A value for an MLflow filter string: in single quotes, inner quotes escaped."""
     return "'" + text.replace("'", "\\'") + "'"
 
 
@@ -139,7 +140,7 @@ def find_parents(client: Any, study: str | None = None) -> list[Any]:
     """Study parent runs (of ``study``, or of every study), most recently used first."""
     query = f"tags.{PARENT_TAG} = '1'"
     if study is not None:
-        query += f" and tags.study = {_quote(study)}"
+        query += f" and tags.study = {quote(study)}"
     runs = search_all(client, experiment_ids(client, study), query)
     return sorted(runs, key=lambda r: r.info.end_time or r.info.start_time or 0, reverse=True)
 
@@ -173,14 +174,14 @@ def _newest_per_pair(client: Any, study: str, parent_run_id: str | None,
                      status: str) -> dict[tuple[str, int], Any]:
     """(spec_hash, seed) -> the newest run of ``study`` whose status matches ``status`` (an
     MLflow filter clause) among the configuration's runs (see ``study_children``)."""
-    query = f"tags.study = {_quote(study)} and attributes.status {status}"
+    query = f"tags.study = {quote(study)} and attributes.status {status}"
     hashes: set[str] | None = None
     if parent_run_id is not None:
         tag = client.get_run(parent_run_id).data.tags.get(TAG_SPEC_HASHES)
         if tag:
             hashes = set(_split(tag))
         else:
-            query += f" and tags.{PARENT_ID_TAG} = {_quote(parent_run_id)}"
+            query += f" and tags.{PARENT_ID_TAG} = {quote(parent_run_id)}"
     newest: dict[tuple[str, int], Any] = {}
     for run in search_all(client, experiment_ids(client, study), query):
         spec = run.data.tags.get("spec_hash", run.info.run_id)

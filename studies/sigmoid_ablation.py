@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sys
 
-from studies.common import Study, run_cli
+from studies.cli import Study, run_cli
 
 STUDY = Study(name="sigmoid_ablation", ablation="output", doc=__doc__)
 

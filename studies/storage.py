@@ -103,10 +103,12 @@ def storage_errors(url: str) -> Iterator[None]:
         yield
     except NoSuchModuleError as err:
         raise SpecError(f"{where}: unknown database kind ({first_line(err)})") from None
-    except ModuleNotFoundError as err:
+    except ImportError as err:  # Optuna wraps the driver's ModuleNotFoundError
+        missing = err.__cause__ if isinstance(err.__cause__, ImportError) else err
         hint = " (SQLAlchemy 2.1 reads postgresql:// as psycopg 3; write postgresql+psycopg2://)" \
-            if "psycopg" in str(err) else ""
-        raise tracking.TrackingError(f"{where}: no driver: {err}{hint}") from None
+            if "psycopg" in str(missing) else ""
+        raise tracking.TrackingError(f"{where}: no driver: {first_line(missing)}{hint}") \
+            from None
     except DBAPIError as err:
         raise tracking.TrackingError(f"{where} unreachable: {first_line(err.orig or err)}") \
             from None

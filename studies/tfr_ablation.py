@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import sys
 
-from studies.common import Study, Variant, run_cli
+from studies.cli import Study, Variant, run_cli
 
 STUDY = Study(
     name="tfr_ablation",

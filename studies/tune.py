@@ -20,8 +20,10 @@ their MLflow run KILLED, a non-finite loss fails the trial and the study goes on
   Optuna storage URL (PostgreSQL for several machines); a path ending in ``.journal`` or
   ``.log`` is a journal file (best for ``--workers`` on one machine). The study resumes when
   rerun with the same name: ``--n-trials`` is its total, so only the missing trials run.
-- ``--workers K``: K processes share the study; the Optuna study, the MLflow experiment and the
-  parent run are created first, here, then the trials are split so exactly N run in all.
+- ``--workers K``: K worker processes share the study (``--worker`` processes started here;
+  the Optuna study, the MLflow experiment and the parent run are created first). Every process
+  claims its next trial under the storage's lock while the study holds fewer than N, so
+  exactly N run in all, however many processes on however many machines take part.
 - MLflow: experiment ``tune-<study>``, a parent run per Optuna study, a child run per trial
   (tags ``trial``, ``optuna_study``, and ``trial_state`` = COMPLETE | PRUNED | FAIL).
 - Outputs in ``mlruns/reports/<study>/`` (also logged to the parent run under ``tuning/``):
@@ -40,27 +42,33 @@ their MLflow run KILLED, a non-finite loss fails the trial and the study goes on
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from experiments import tracking
-from experiments.cli import add_common, guarded, resolve_profile_and_device, seed_arg
-from experiments.registry import SPECS, Ablation, Arm, apply_profile, explicit_keys, get_ablation
-from experiments.spec import ExperimentSpec, SpecError, apply_overrides, flatten, spec_hash
-from studies import tuning
+import optuna
+from optuna.trial import TrialState
 
-REPORTS = tracking.MLRUNS / "reports"
+from cvae.train import NonFiniteLossError
+from experiments import tracking
+from experiments.cli import Parser, add_common, guarded, resolve_profile_and_device, seed_arg
+from experiments.registry import SPECS, Ablation, Arm, get_ablation, resolve
+from experiments.spec import ExperimentSpec, SpecError, apply_overrides, flatten, spec_hash
+from studies import queue, results, tuning
+from studies import storage as storages
+from studies.report import REPORTS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m studies.tune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m studies.tune", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", default=None, metavar="NAME|FILE.toml",
                         help="the spec to tune (default: report_final); a .toml file may hold "
                              "a [search] table")
@@ -71,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=None, metavar="S",
                         help="stop starting trials after S seconds (per worker and study)")
     parser.add_argument("--storage", default=None, metavar="URL|PATH",
-                        help=f"Optuna storage (default: {tuning.DEFAULT_STORAGE})")
+                        help=f"Optuna storage (default: {storages.DEFAULT_STORAGE})")
     parser.add_argument("--study-name", default=None,
                         help="default: <spec>-<profile>-<epochs>ep (<ablation>-<profile>-<epochs>ep "
                              "with --per-arm)")
@@ -86,12 +94,136 @@ def build_parser() -> argparse.ArgumentParser:
                              "that the same command without --worker created: run trials "
                              "until it has --n-trials, log them under its parent run, no "
                              "report (the coordinating command writes it)")
+    parser.add_argument("--arm", default=None, metavar="ARM",
+                        help="with --per-arm --worker: join only this arm's study")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads of a --worker (default: torch's choice)")
     parser.add_argument("--rerun-seeds", type=seed_arg, nargs="+", default=None, metavar="SEED",
                         help="rerun the best settings over these seeds (default with --per-arm: "
                              "three seeds the trials did not train with, 1 2 3 for specs of "
                              "seed 0; otherwise no rerun)")
     add_common(parser)
     return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Taking trials: the one loop of the command, its --workers and --worker processes
+# ---------------------------------------------------------------------------------------------
+def open_job_study(job: tuning.StudyJob, *, worker: int = 0) -> optuna.Study:
+    """The job's study (created, or resumed if it is about the same thing), with heartbeats
+    and retries on a database storage and a sampler seeded for this worker."""
+    beats = None if storages.is_journal(job.storage) else storages.HEARTBEAT
+    storage = storages.open_storage(
+        job.storage, heartbeat=beats, grace=storages.GRACE,
+        on_stale=queue.LoggedRetry(me=queue.me(), max_retry=storages.MAX_RETRY))
+    sampler = tuning.make_sampler(job.sampler, seed=job.seed, n_trials=job.n_trials)
+    with storages.storage_errors(job.storage):
+        study = tuning.open_study(storage, job.study_name, sampler=sampler,
+                                  pruner=tuning.make_pruner(job.pruner, job.base),
+                                  identity=tuning.study_identity(job.base, job.space,
+                                                                 job.profile))
+        study.sampler = tuning.make_sampler(
+            job.sampler, seed=job.seed, n_trials=job.n_trials, worker=worker,
+            existing_trials=len(study.get_trials(deepcopy=False)))
+    return study
+
+
+def claim(study: optuna.Study, n_trials: int) -> optuna.Trial | None:
+    """The next trial for this process (call under the storage's lock): a waiting one (a
+    retry) first, else a new one while the study holds fewer than ``n_trials`` finished,
+    running or waiting trials (an interrupted one does not count: its retry does)."""
+    trials = study.get_trials(deepcopy=False)
+    taken = sum(t.state in (*tuning.FINISHED, TrialState.RUNNING, TrialState.WAITING)
+                and not tuning.interrupted(t) for t in trials)
+    if taken >= n_trials and not any(t.state == TrialState.WAITING for t in trials):
+        return None
+    with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": we beat
+        warnings.simplefilter("ignore")
+        return study.ask()
+
+
+def take_trials(job: tuning.StudyJob, study: optuna.Study, *, data: Any,
+                progress: bool | None) -> int:
+    """Claim, run and tell trials in this process until the study holds ``job.n_trials``
+    (or ``job.timeout`` has passed); a non-finite loss or a pruned trial is a result and the
+    study goes on. Returns how many ran here."""
+    objective = tuning.job_objective(job, data, progress=progress)
+    beats = None if storages.is_journal(job.storage) else storages.HEARTBEAT
+    started, ran = time.monotonic(), 0
+    while job.timeout is None or time.monotonic() - started < job.timeout:
+        with storages.exclusive(job.storage), storages.storage_errors(job.storage):
+            optuna.storages.fail_stale_trials(study)
+            trial = claim(study, job.n_trials)
+        if trial is None:
+            break
+        with queue.Heartbeat(study._storage, trial._trial_id, beats):
+            state, value = _run_objective(study, trial, objective)
+        queue.tell(study, trial, state, value)
+        tuning.print_trial(study, study._storage.get_trial(trial._trial_id))
+        ran += 1
+        gc.collect()
+    return ran
+
+
+def _run_objective(study: optuna.Study, trial: optuna.Trial,
+                   objective: tuning.Objective) -> tuple[TrialState, float | None]:
+    """(state, value) of one trial; an error other than a result fails it and propagates."""
+    try:
+        value = objective(trial)
+    except optuna.TrialPruned:
+        return TrialState.PRUNED, None
+    except NonFiniteLossError:
+        return TrialState.FAIL, None
+    except BaseException:
+        queue.tell(study, trial, TrialState.FAIL)
+        raise
+    return (TrialState.COMPLETE, value) if math.isfinite(value) else (TrialState.FAIL, None)
+
+
+def serve_study(job: tuning.StudyJob, *, data: Any) -> None:
+    """``--worker``: join a study its coordinating command created (same flags, no
+    ``--worker``) and take trials until it holds ``n_trials``, filed under the coordinator's
+    parent run."""
+    from mlflow.tracking import MlflowClient
+
+    tracking.configure()
+    client = MlflowClient()
+    found = client.get_experiment_by_name(job.experiment)
+    parents = [] if found is None else client.search_runs(
+        [found.experiment_id], filter_string=_parent_query(job), max_results=1)
+    if not parents:
+        raise SpecError(f"no study {job.study_name!r} to join in MLflow experiment "
+                        f"{job.experiment!r}: start the same command without --worker first "
+                        "(it creates the study and its parent run)")
+    job.experiment_id, job.parent_run_id = found.experiment_id, parents[0].info.run_id
+    study = open_job_study(job, worker=os.getpid())
+    print(f"[{job.study_name}] worker {queue.me()}: taking trials until the study has "
+          f"{job.n_trials}", flush=True)
+    ran = take_trials(job, study, data=data, progress=False)
+    print(f"[{job.study_name}] worker {queue.me()}: {ran} trial(s) here; the study has its "
+          f"{job.n_trials} trials", flush=True)
+
+
+def _parent_query(job: tuning.StudyJob) -> str:
+    return (f"tags.{results.PARENT_TAG} = '1' and "
+            f"tags.optuna_study = {results.quote(job.study_name)}")
+
+
+def wait_for_others(job: tuning.StudyJob, study: optuna.Study, poll: float = 5.0) -> None:
+    """Before the report: the trials that processes elsewhere still run (a dead worker's
+    trial is failed by the heartbeat check and retried)."""
+    announced = False
+    while True:
+        with storages.storage_errors(job.storage):
+            optuna.storages.fail_stale_trials(study)
+            running = tuning.counts(study)["RUNNING"]
+        if running == 0:
+            return
+        if not announced:
+            print(f"[{job.study_name}] waiting for {running} trial(s) running elsewhere",
+                  flush=True)
+            announced = True
+        time.sleep(poll)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,78 +242,18 @@ class StudyResult:
 
 def _parent_run(client: Any, job: tuning.StudyJob, tags: dict[str, str]) -> str:
     """The study's parent run: reused (RUNNING again) when the study resumes, else created."""
-    query = f"tags.study_parent = '1' and tags.optuna_study = '{job.study_name}'"
-    found = client.search_runs([job.experiment_id], filter_string=query,
+    found = client.search_runs([job.experiment_id], filter_string=_parent_query(job),
                                order_by=["attribute.start_time DESC"], max_results=1)
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
     else:
         run_id = client.create_run(job.experiment_id, run_name=job.study_name,
-                                   tags={"study_parent": "1", "study": job.experiment,
+                                   tags={results.PARENT_TAG: "1", "study": job.experiment,
                                          "optuna_study": job.study_name}).info.run_id
     for key, value in tags.items():
         client.set_tag(run_id, key, tracking.mask_secrets(str(value)))
     return run_id
-
-
-def serve_study(job: tuning.StudyJob, *, data: Any) -> None:
-    """``--worker``: join a study its coordinating command created (same flags, no
-    ``--worker``), run trials until it holds ``n_trials`` finished ones, filed under the
-    coordinator's parent run. Returns the study's failed-trial count."""
-    import optuna
-    from mlflow.tracking import MlflowClient
-
-    tracking.configure()
-    client = MlflowClient()
-    found = client.get_experiment_by_name(job.experiment)
-    parents = [] if found is None else client.search_runs(
-        [found.experiment_id],
-        filter_string=f"tags.study_parent = '1' and tags.optuna_study = '{job.study_name}'",
-        max_results=1)
-    if not parents:
-        raise SpecError(f"no study {job.study_name!r} to join in MLflow experiment "
-                        f"{job.experiment!r}: start the same command without --worker first "
-                        "(it creates the study and its parent run)")
-    job.experiment_id, job.parent_run_id = found.experiment_id, parents[0].info.run_id
-    study = tuning.open_job_study(job, worker=os.getpid())
-    trials = study.get_trials(deepcopy=False)
-    done = sum(t.state in tuning.FINISHED for t in trials)
-    interrupted = sum(t.state == optuna.trial.TrialState.FAIL and bool(t.user_attrs.get(
-        "interrupted")) for t in trials)
-    to_run = max(0, job.n_trials - done + interrupted)
-    print(f"[{job.study_name}] worker {os.getpid()}: {done - interrupted} of {job.n_trials} "
-          f"trials done; taking trials until the study has them all", flush=True)
-    tuning.run_trials(study, tuning.job_objective(job, data, progress=None), n_trials=to_run,
-                      stop_at=job.n_trials + interrupted, timeout=job.timeout,
-                      count_running=True)
-    print(f"[{job.study_name}] worker {os.getpid()}: the study has its {job.n_trials} trials",
-          flush=True)
-
-
-def _shared(storage: str) -> bool:
-    """A database server (not SQLite, not a journal file): ``--worker`` processes on other
-    machines may share the study."""
-    return "://" in storage and not storage.startswith("sqlite")
-
-
-def wait_for_others(job: tuning.StudyJob, poll: float = 5.0) -> None:
-    """Before the report: trials that ``--worker`` processes elsewhere still run (a dead
-    worker's trial is failed by the heartbeat check and retried)."""
-    import optuna
-
-    study = tuning.open_job_study(job, heartbeat=True)
-    announced = False
-    while True:
-        optuna.storages.fail_stale_trials(study)
-        running = tuning.counts(study)["RUNNING"]
-        if running == 0:
-            return
-        if not announced:
-            print(f"[{job.study_name}] waiting for {running} trial(s) running elsewhere",
-                  flush=True)
-            announced = True
-        time.sleep(poll)
 
 
 def tune_study(job: tuning.StudyJob, *, workers: int, data: Any, root: str) -> StudyResult:
@@ -189,7 +261,7 @@ def tune_study(job: tuning.StudyJob, *, workers: int, data: Any, root: str) -> S
     ``workers`` processes, then write and log the report."""
     from mlflow.tracking import MlflowClient
 
-    study = tuning.open_job_study(job)
+    study = open_job_study(job)
     plan = tuning.plan_trials(study, job.n_trials)
     tracking.configure()
     client = MlflowClient()
@@ -201,27 +273,26 @@ def tune_study(job: tuning.StudyJob, *, workers: int, data: Any, root: str) -> S
         "optuna_storage": job.storage, "search_space": job.space.to_json(),
         "arm": job.arm or job.base.name, "group": job.group or job.arm or job.base.name,
         "git_commit": tracking.git_commit()})
+    workers = min(workers, max(plan.to_run, 1))
     print(f"[{job.study_name}] {plan.done} of {job.n_trials} trials done, running "
-          f"{plan.to_run} (workers: {min(workers, max(plan.to_run, 1))}); storage "
+          f"{plan.to_run} (workers: {workers}); storage "
           f"{tracking.mask_secrets(job.storage)}; MLflow experiment {job.experiment} "
           f"(parent run {job.parent_run_id})", flush=True)
     for line in [p.describe() for p in job.space.params] + list(job.space.notes):
         print(f"[{job.study_name}]   {line}", flush=True)
     if plan.retried:
         print(f"[{job.study_name}] retrying interrupted trial(s) {plan.retried}", flush=True)
+    failures = 0
     try:
-        if workers <= 1 or plan.to_run <= 1:
-            tuning.run_trials(study, tuning.job_objective(job, data, progress=None),
-                              n_trials=plan.to_run, stop_at=plan.stop_at, timeout=job.timeout,
-                              count_running=_shared(job.storage))
-            failures = 0
+        if workers <= 1:
+            take_trials(job, study, data=data, progress=None)
         else:
-            failures = run_workers(job, plan, workers)
-        if _shared(job.storage):
-            wait_for_others(job)  # --worker processes elsewhere may still run trials
+            failures = _run_workers(job, workers)
+        if storages.shared(job.storage):
+            wait_for_others(job, study)  # --worker processes elsewhere may still run trials
     except BaseException as err:
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        client.set_terminated(job.parent_run_id, status)
+        client.set_terminated(job.parent_run_id,
+                              "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     result = report(job, client, root=root)
     result.worker_failures = failures
@@ -229,33 +300,20 @@ def tune_study(job: tuning.StudyJob, *, workers: int, data: Any, root: str) -> S
     return result
 
 
-def run_workers(job: tuning.StudyJob, plan: tuning.Plan, workers: int) -> int:
-    """``plan.to_run`` trials split over ``workers`` spawned processes (each loads the data
-    and joins the study); returns how many exited with an error."""
-    import multiprocessing
-
-    shares = [s for s in tuning.split(plan.to_run, workers) if s > 0]
-    threads = max(1, (os.cpu_count() or 1) // len(shares))  # no oversubscription of the cores
-    context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=tuning.work, name=f"{job.study_name}-worker{i}",
-                             args=(job, i, share, plan.stop_at, threads))
-             for i, share in enumerate(shares)]
-    for proc in procs:
-        proc.start()
-    try:
-        for proc in procs:
-            proc.join()
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.terminate()  # SIGTERM: each worker ends its trial KILLED, then exits
-        for proc in procs:
-            proc.join()
-        raise
-    for proc in procs:
-        if proc.exitcode != 0:
-            print(f"[{job.study_name}] {proc.name} exited with code {proc.exitcode}",
+def _run_workers(job: tuning.StudyJob, workers: int) -> int:
+    """``workers`` ``--worker`` processes of this very command (``job.argv``), sharing the
+    cores; returns how many exited with an error."""
+    threads = max(1, queue.cpu_count() // workers)  # no oversubscription of the cores
+    argv = [*job.argv, "--storage", job.storage, "--worker", "--threads", str(threads)]
+    if job.arm is not None:
+        argv += ["--arm", job.arm]
+    with queue.workers("studies.tune", [argv] * workers, threads=threads) as procs:
+        pass
+    for i, proc in enumerate(procs):
+        if proc.returncode != 0:
+            print(f"[{job.study_name}] worker {i} exited with code {proc.returncode}",
                   file=sys.stderr, flush=True)
-    return sum(proc.exitcode != 0 for proc in procs)
+    return sum(proc.returncode != 0 for proc in procs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +321,7 @@ def run_workers(job: tuning.StudyJob, plan: tuning.Plan, workers: int) -> int:
 # ---------------------------------------------------------------------------------------------
 def report(job: tuning.StudyJob, client: Any, *, root: str) -> StudyResult:
     """Best trial, edge check, best_spec.toml, plots and trials.csv; logged to the parent."""
-    study = tuning.open_job_study(job, heartbeat=False)  # a fresh view of every worker's trials
+    study = open_job_study(job)  # a fresh view of every worker's trials
     out = REPORTS / job.study_name
     out.mkdir(parents=True, exist_ok=True)
     counts = tuning.counts(study)
@@ -315,8 +373,6 @@ def report(job: tuning.StudyJob, client: Any, *, root: str) -> StudyResult:
 def write_best_spec(job: tuning.StudyJob, best: Any, spec: ExperimentSpec, root: str,
                     out: Path) -> Path:
     """``best_spec.toml``, checked to resolve back to exactly the best trial's spec."""
-    from experiments.registry import resolve_spec
-
     path = out / "best_spec.toml"
     epochs = spec.train.epochs
     header = [
@@ -329,8 +385,7 @@ def write_best_spec(job: tuning.StudyJob, best: Any, spec: ExperimentSpec, root:
     text = tuning.best_spec_toml(root=root, spec=spec, profile=job.profile,
                                  tuned=job.space.keys, header=header)
     path.write_text(text)
-    again = apply_profile(resolve_spec(str(path)), job.profile, epochs=epochs,
-                          keep=explicit_keys(str(path)))
+    again = resolve(str(path), profile=job.profile, epochs=epochs)
     if spec_hash(again) != spec_hash(spec):
         print(f"warning: {path} resolves to spec_hash {spec_hash(again)}, not the best trial's "
               f"{spec_hash(spec)}", file=sys.stderr)
@@ -340,15 +395,6 @@ def write_best_spec(job: tuning.StudyJob, best: Any, spec: ExperimentSpec, root:
 # ---------------------------------------------------------------------------------------------
 # Specs
 # ---------------------------------------------------------------------------------------------
-def resolve(spec: ExperimentSpec, profile: str, epochs: int | None,
-            data: str | None, keep: frozenset[str] = frozenset()) -> ExperimentSpec:
-    """As ``python -m experiments run`` resolves it: data folder, then profile and epochs
-    (``keep``: the keys a spec file sets, which the profile leaves alone)."""
-    if data is not None:
-        spec = replace(spec, data=replace(spec.data, source=data))
-    return apply_profile(spec, profile, epochs=epochs, keep=keep)
-
-
 def closest_registered(spec: ExperimentSpec) -> str:
     """The registered spec that differs from ``spec`` in the fewest fields (the `base` of a
     best_spec.toml for an ablation arm that is not registered itself)."""
@@ -386,39 +432,41 @@ def _load_data(specs: list[ExperimentSpec], profile: str, workers: int) -> dict[
 # ---------------------------------------------------------------------------------------------
 # Per arm
 # ---------------------------------------------------------------------------------------------
-def tune_per_arm(args: argparse.Namespace, ablation: Ablation, *, profile: str, device: str,
-                 storage: str, data: dict[Any, Any]) -> int:
+def tune_per_arm(args: argparse.Namespace, jobs: list[tuning.StudyJob], ablation: Ablation,
+                 data: dict[Any, Any]) -> int:
     """The playbook's protocol: same space, budget and sampler seed for every arm; then each
-    arm's best settings over ``--rerun-seeds``, compared like an ablation study (``data``:
-    ``_load_data`` of the arms)."""
-    from studies.common import run_study
-    from studies.report import report_study
+    arm's best settings over ``--rerun-seeds``, compared like an ablation study."""
+    results_ = [tune_study(job, workers=args.workers, data=data[job.base.data],
+                           root=closest_registered(ablation_arm(ablation, job.arm).spec))
+                for job in jobs]
+    name = jobs[0].study_name.removesuffix(f"-{jobs[0].arm}")
+    _best_per_arm_table(args, name, ablation, results_, profile=jobs[0].profile)
+    missing = [r.job.arm for r in results_ if r.best_spec is None]
+    if missing:
+        print(f"no rerun: arm(s) {', '.join(missing)} have no complete trial", file=sys.stderr)
+        return 1
+    tuned = Ablation(ablation.name, tuple(Arm(r.job.arm, r.best_spec, r.job.group,
+                                              keep=tuple(r.job.space.keys))
+                                          for r in results_),
+                     ablation.reference, ablation.scientific)
+    failed = rerun(tuned, f"{name}-rerun", args.rerun_seeds, {r.job.base.seed for r in results_},
+                   jobs[0])
+    return 1 if failed or any(r.worker_failures for r in results_) else 0
 
-    epochs = resolve(ablation.arms[0].spec, profile, args.epochs, args.data).train.epochs
-    name = args.study_name or f"{ablation.name}-{profile}-{epochs}ep"
-    results: list[StudyResult] = []
-    for arm in ablation.arms:
-        base = resolve(arm.spec, profile, args.epochs, args.data)
-        space = tuning.search_space(base)
-        job = tuning.StudyJob(study_name=f"{name}-{arm.name}", base=base, space=space,
-                              storage=storage, sampler=args.sampler, pruner=args.pruner,
-                              seed=args.seed, n_trials=args.n_trials, profile=profile,
-                              device=device, experiment=f"tune-{name}", arm=arm.name,
-                              group=arm.group, timeout=args.timeout)
-        if args.worker:
-            serve_study(job, data=data[base.data])
-            continue
-        results.append(tune_study(job, workers=args.workers, data=data[base.data],
-                                  root=closest_registered(arm.spec)))
-    if args.worker:
-        return 0
+
+def ablation_arm(ablation: Ablation, name: str | None) -> Arm:
+    return next(a for a in ablation.arms if a.name == name)
+
+
+def _best_per_arm_table(args: argparse.Namespace, name: str, ablation: Ablation,
+                        results_: list[StudyResult], *, profile: str) -> None:
     setup = (f"{args.n_trials} trials per arm, sampler {args.sampler} (seed {args.seed}), "
              f"pruner {args.pruner}, profile {profile}; scientific hyperparameter: "
              f"{ablation.scientific}.")
     lines = [f"# {name}: best settings per arm", "", setup, "",
              "| arm | best final val/psnr (dB) | trial | settings | on the edge |",
              "|---|---|---|---|---|"]
-    for r in results:
+    for r in results_:
         value = f"{r.best.value:.2f}" if r.best else "no complete trial"
         params = tuning.format_params(r.best.params) if r.best else ""
         trial = str(r.best.number) if r.best else ""
@@ -428,27 +476,6 @@ def tune_per_arm(args: argparse.Namespace, ablation: Ablation, *, profile: str, 
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines[4:]) + f"\n(saved to {table})")
-    missing = [r.job.arm for r in results if r.best_spec is None]
-    if missing:
-        print(f"no rerun: arm(s) {', '.join(missing)} have no complete trial", file=sys.stderr)
-        return 1
-    seeds, warning = rerun_seeds(args.rerun_seeds, {r.job.base.seed for r in results})
-    if warning:
-        print(f"[{name}] warning: {warning}", file=sys.stderr, flush=True)
-    tuned = Ablation(ablation.name, tuple(Arm(r.job.arm, r.best_spec, r.job.group,
-                                              keep=tuple(r.job.space.keys))
-                                          for r in results),
-                     ablation.reference, ablation.scientific)
-    ran = run_study(f"{name}-rerun", tuned, seeds=seeds, profile=profile, device=device,
-                    epochs=epochs, doc=f"Best settings per arm from the Optuna studies "
-                    f"{name}-<arm>, rerun over seeds {seeds}.")
-    rerun = report_study(f"{name}-rerun", parent_run_id=ran.parent_run_id)
-    print()
-    print(rerun.markdown)
-    print(f"rerun report: {rerun.out_dir}/ (MLflow experiment {name}-rerun, parent run "
-          f"{ran.parent_run_id})")
-    failed = bool(ran.failures) or any(r.worker_failures for r in results)
-    return 1 if failed else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,6 +490,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SpecError(f"--epochs={args.epochs} must be >= 1")
     if args.timeout is not None and args.timeout <= 0:
         raise SpecError(f"--timeout={args.timeout} must be > 0")
+    if args.threads is not None and args.threads < 1:
+        raise SpecError(f"--threads={args.threads} must be >= 1")
     if args.worker and args.storage is None:
         raise SpecError("--worker joins the coordinating command's study: give its --storage "
                         "(postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB for several machines)")
@@ -471,50 +500,97 @@ def _check_args(args: argparse.Namespace) -> None:
                         "--workers")
     if args.per_arm and args.spec:
         raise SpecError("--per-arm takes its specs from the ablation's arms; drop --spec")
+    if args.arm and not (args.per_arm and args.worker):
+        raise SpecError("--arm goes with --per-arm --worker (join one arm's study)")
+
+
+def make_jobs(args: argparse.Namespace, *, profile: str, device: str,
+              storage: str) -> list[tuning.StudyJob]:
+    """One job per study the command runs: the spec's, or one per arm with ``--per-arm``."""
+    common = {"storage": storage, "sampler": args.sampler, "pruner": args.pruner,
+              "seed": args.seed, "n_trials": args.n_trials, "profile": profile,
+              "device": device, "timeout": args.timeout}
+    if not args.per_arm:
+        spec_name = args.spec or "report_final"
+        base = resolve(spec_name, profile=profile, epochs=args.epochs, data=args.data)
+        name = args.study_name or f"{base.name}-{profile}-{base.train.epochs}ep"
+        space = tuning.search_space(base, tuning.load_spec(spec_name)[1])
+        return [tuning.StudyJob(study_name=name, base=base, space=space,
+                                experiment=f"tune-{name}",
+                                argv=_worker_argv(args, profile, device, name), **common)]
+    ablation = get_ablation(args.per_arm)
+    if args.arm is not None:
+        ablation_arm_or_fail(ablation, args.arm)
+    bases = [resolve(arm.spec, profile=profile, epochs=args.epochs, data=args.data)
+             for arm in ablation.arms]
+    name = args.study_name or f"{ablation.name}-{profile}-{bases[0].train.epochs}ep"
+    return [tuning.StudyJob(study_name=f"{name}-{arm.name}", base=base,
+                            space=tuning.search_space(base), experiment=f"tune-{name}",
+                            arm=arm.name, group=arm.group,
+                            argv=_worker_argv(args, profile, device, name), **common)
+            for arm, base in zip(ablation.arms, bases, strict=True)
+            if args.arm in (None, arm.name)]
+
+
+def ablation_arm_or_fail(ablation: Ablation, name: str) -> None:
+    if name not in [a.name for a in ablation.arms]:
+        raise SpecError(f"--arm {name!r} is not an arm of ablation {ablation.name!r}; arms: "
+                        f"{', '.join(a.name for a in ablation.arms)}")
+
+
+def _worker_argv(args: argparse.Namespace, profile: str, device: str, name: str) -> tuple:
+    """The command line of a ``--worker`` that joins this command's study (its storage is
+    added by who starts it)."""
+    argv = ["--spec", args.spec] if args.spec else []
+    argv += ["--per-arm", args.per_arm] if args.per_arm else []
+    argv += ["--n-trials", str(args.n_trials), "--study-name", name, "--sampler", args.sampler,
+             "--pruner", args.pruner, "--seed", str(args.seed), "--profile", profile,
+             "--device", device]
+    for flag, value in (("--epochs", args.epochs), ("--timeout", args.timeout),
+                        ("--data", args.data)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return tuple(argv)
 
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
-    import optuna
-
     args = build_parser().parse_args(argv)
     _check_args(args)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours
-    ablation = get_ablation(args.per_arm) if args.per_arm else None
-    spec, table = tuning.load_spec(args.spec or "report_final") if not ablation else (None, {})
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     profile, device = resolve_profile_and_device(args)
-    if ablation is not None:
-        bases = [resolve(arm.spec, profile, args.epochs, args.data) for arm in ablation.arms]
-    else:
-        bases = [resolve(spec, profile, args.epochs, args.data,
-                         explicit_keys(args.spec or "report_final"))]
-    data = _load_data(bases, profile, args.workers)
-    storage = tuning.storage_url(args.storage)
-    tuning.open_storage(storage, heartbeat=False)  # a bad URL fails here, before any work
+    storage = storages.storage_url(args.storage)
+    storages.check_url(storage)
+    jobs = make_jobs(args, profile=profile, device=device, storage=storage)
+    data = _load_data([job.base for job in jobs], profile, 1 if args.worker else args.workers)
+    storages.open_storage(storage)  # a bad URL fails here, before any work
     tracking.configure()
+    if args.worker:
+        for job in jobs:
+            serve_study(job, data=data[job.base.data])
+        return 0
     if args.workers > 1 and storage.startswith("sqlite"):
         print("note: several workers on SQLite work but Optuna recommends a journal file "
               "(--storage mlruns/optuna.journal) or PostgreSQL", file=sys.stderr)
     started = time.monotonic()
-    if ablation is not None:
-        code = tune_per_arm(args, ablation, profile=profile, device=device, storage=storage,
-                            data=data)
+    if args.per_arm:
+        code = tune_per_arm(args, jobs, get_ablation(args.per_arm), data)
     else:
-        (base,) = bases
-        space = tuning.search_space(base, table)
-        name = args.study_name or f"{base.name}-{profile}-{base.train.epochs}ep"
-        job = tuning.StudyJob(study_name=name, base=base, space=space, storage=storage,
-                              sampler=args.sampler, pruner=args.pruner, seed=args.seed,
-                              n_trials=args.n_trials, profile=profile, device=device,
-                              experiment=f"tune-{name}", timeout=args.timeout)
-        root = tuning.registered_root(args.spec or "report_final")
-        if args.worker:
-            serve_study(job, data=data[base.data])
-            return 0
-        result = tune_study(job, workers=args.workers, data=data[base.data], root=root)
+        (job,) = jobs
+        result = tune_study(job, workers=args.workers, data=data[job.base.data],
+                            root=tuning.registered_root(args.spec or "report_final"))
         code = 1 if result.worker_failures or result.best is None else 0
         if result.best is not None and args.rerun_seeds:
-            code = max(code, rerun_best(result, args.rerun_seeds))
+            arm = Arm(job.base.name, result.best_spec, job.base.name,
+                      keep=tuple(job.space.keys))
+            ablation = Ablation(job.study_name, (arm,), arm.name,
+                                "none (best settings over seeds)")
+            code = max(code, rerun(ablation, f"{job.study_name}-rerun", args.rerun_seeds,
+                                   {job.base.seed}, job))
     print(f"wall time: {time.monotonic() - started:.0f} s; dashboard: optuna-dashboard "
           f"{tracking.mask_secrets(storage)} --host 127.0.0.1 --port 8080", flush=True)
     return code
@@ -537,29 +613,37 @@ def rerun_seeds(requested: list[int] | None, trial_seeds: set[int], *,
         "not use give a fair estimate")
 
 
-def rerun_best(result: StudyResult, seeds: list[int]) -> int:
-    """The best settings of one study over ``seeds`` (experiment ``<study>-rerun``)."""
+def rerun(ablation: Ablation, study: str, requested: list[int] | None,
+          trial_seeds: set[int], job: tuning.StudyJob) -> bool:
+    """The best settings (``ablation``'s arms) over fresh seeds as a study of their own,
+    reported like an ablation; True if a run failed."""
     from studies import summary
-    from studies.common import run_study
+    from studies.grid import Grid, run_here
     from studies.report import report_study
 
-    job = result.job
-    seeds, warning = rerun_seeds(seeds, {job.base.seed})
+    seeds, warning = rerun_seeds(requested, trial_seeds)
     if warning:
-        print(f"[{job.study_name}] warning: {warning}", file=sys.stderr, flush=True)
-    arm = Arm(job.base.name, result.best_spec, job.base.name, keep=tuple(job.space.keys))
-    ablation = Ablation(job.study_name, (arm,), arm.name, "none (best settings over seeds)")
-    ran = run_study(f"{job.study_name}-rerun", ablation, seeds=seeds, profile=job.profile,
-                    device=job.device, epochs=job.base.train.epochs)
-    rerun = report_study(f"{job.study_name}-rerun", parent_run_id=ran.parent_run_id)
-    row = rerun.summary.iloc[0] if rerun.summary is not None and len(rerun.summary) else None
-    if row is not None:
+        print(f"[{study}] warning: {warning}", file=sys.stderr, flush=True)
+    many = len(ablation.arms) > 1
+    doc = (f"Best settings per arm from the Optuna studies {study.removesuffix('-rerun')}-<arm>, "
+           f"rerun over seeds {seeds}." if many else "")
+    grid = Grid(study, ablation, tuple(seeds), job.profile, epochs=job.base.train.epochs,
+                doc=doc)
+    ran = run_here(grid, device=job.device)
+    report = report_study(study, parent_run_id=ran.parent_run_id)
+    if many:
+        print()
+        print(report.markdown)
+        print(f"rerun report: {report.out_dir}/ (MLflow experiment {study}, parent run "
+              f"{ran.parent_run_id})")
+    elif report.summary is not None and len(report.summary):
+        row = report.summary.iloc[0]
         sd = "" if math.isnan(row["final_sd"]) else f" ± {row['final_sd']:.2f}"
         print(f"[{job.study_name}] best settings over seeds {seeds}: final {tuning.OBJECTIVE} "
               f"{row['final_mean']:.2f}{sd} dB (mean ± sd; {summary.CONFIDENCE:.0%} CI "
               f"[{row['final_ci_low']:.2f}, {row['final_ci_high']:.2f}]); report "
-              f"{rerun.out_dir}/", flush=True)
-    return 1 if ran.failures else 0
+              f"{report.out_dir}/", flush=True)
+    return bool(ran.failures)
 
 
 if __name__ == "__main__":

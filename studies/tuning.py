@@ -21,7 +21,7 @@ spec is *fixed*.
 - Objective: the final validation PSNR (dB, maximized). Each evaluation is reported with
   ``trial.report(val_psnr, epoch)``; when the pruner says so the hook raises
   ``optuna.TrialPruned`` and the runner ends the MLflow run KILLED. A non-finite loss ends the
-  trial FAIL (the reason in the ``fail_reason`` user attribute) and the study goes on.
+  trial FAIL (the reason in the ``stop_reason`` user attribute) and the study goes on.
 - MLflow: each trial is one child run (``run_experiment`` with tags ``trial`` and
   ``optuna_study``) under the study's parent run; after the trial its ``trial_state`` tag says
   COMPLETE, PRUNED or FAIL, as Optuna records it.
@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -50,8 +50,6 @@ from experiments.spec import ExperimentSpec, SpecError, apply_overrides, flatten
 
 OBJECTIVE = "val/psnr"
 TARGET_NAME = "final val/psnr (dB)"
-DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
-JOURNAL_SUFFIXES: tuple[str, ...] = (".journal", ".log")  # --storage PATH: an Optuna journal file
 SAMPLERS: tuple[str, ...] = ("tpe", "qmc", "random")
 PRUNERS: tuple[str, ...] = ("median", "hyperband", "none")
 FINISHED: tuple[TrialState, ...] = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -361,7 +359,7 @@ class Objective:
             self._mark(trial, experiment_id, spec, None, "PRUNED")
             raise
         except NonFiniteLossError as err:
-            trial.set_user_attr("fail_reason", str(err))
+            trial.set_user_attr("stop_reason", str(err))
             self._mark(trial, experiment_id, spec, None, "FAIL")
             raise
         except KeyboardInterrupt:
@@ -371,13 +369,12 @@ class Objective:
             self._mark(trial, experiment_id, spec, None, "FAIL")
             raise
         except Exception as err:
-            trial.set_user_attr("fail_reason", tracking.mask_secrets(
-                f"{type(err).__name__}: {err}".splitlines()[0]))
+            trial.set_user_attr("stop_reason", tracking.first_line(err, with_type=True))
             self._mark(trial, experiment_id, spec, None, "FAIL")
             raise
         value = float(outcome.metrics.get(OBJECTIVE, math.nan))
         if not math.isfinite(value):
-            trial.set_user_attr("fail_reason", f"{OBJECTIVE} is {value}")
+            trial.set_user_attr("stop_reason", f"{OBJECTIVE} is {value}")
             self._mark(trial, experiment_id, spec, outcome.run_id, "FAIL")
             return value  # Optuna records a non-finite value as FAIL
         self._mark(trial, experiment_id, spec, outcome.run_id, "COMPLETE")
@@ -402,84 +399,12 @@ class Objective:
             trial.set_user_attr("mlflow_run_id", run_id)
         except Exception as err:  # noqa: BLE001 (a store error must not hide the trial's outcome)
             print(f"warning: could not tag the MLflow run of trial {trial.number}: "
-                  f"{tracking.mask_secrets(str(err).splitlines()[0] if str(err) else err)}")
+                  f"{tracking.first_line(err)}")
 
 
 # ---------------------------------------------------------------------------------------------
-# Storage, sampler, pruner, study
+# Sampler, pruner, study
 # ---------------------------------------------------------------------------------------------
-def _sqlite_path(url: str) -> Path | None:
-    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
-
-
-def storage_url(text: str | None) -> str:
-    """The storage as given, with a bare ``.db``/``.sqlite`` path turned into a SQLite URL."""
-    text = text or DEFAULT_STORAGE
-    if "://" not in text and text.endswith((".db", ".sqlite", ".sqlite3")):
-        return f"sqlite:///{text}"
-    return text
-
-
-def is_journal(text: str) -> bool:
-    """A journal file (a path, not a URL) ending in ``.journal`` or ``.log``: the rule of
-    every command's ``--storage``."""
-    return "://" not in text and text.endswith(JOURNAL_SUFFIXES)
-
-
-def check_storage_kind(text: str) -> None:
-    """A database URL or a journal file, else a one-line ``SpecError`` naming both kinds."""
-    if "://" not in text and not is_journal(text):
-        raise SpecError(f"--storage {tracking.mask_secrets(text)!r} is neither a database URL "
-                        "(postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB, sqlite:///PATH) "
-                        "nor a journal file ending in .journal or .log")
-
-
-def open_storage(text: str | None, *, heartbeat: bool = True) -> optuna.storages.BaseStorage:
-    """An Optuna storage from ``--storage``: a path ending in ``.journal`` or ``.log`` is a
-    journal file (several processes on one host); anything with ``://`` is an RDB URL (SQLite,
-    PostgreSQL, MySQL), with heartbeats so a trial whose process died is failed and retried
-    once. Errors are one-line ``TrackingError``s with passwords masked."""
-    text = storage_url(text)
-    check_storage_kind(text)
-    if is_journal(text):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        path = Path(text)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path)))
-        except OSError as err:
-            raise tracking.TrackingError(f"cannot open Optuna journal {path}: "
-                                         f"{err.strerror or err}") from None
-    sqlite = _sqlite_path(text)
-    if sqlite is not None:
-        mlflow_db = _sqlite_path(tracking.tracking_uri())
-        if mlflow_db is not None and sqlite.resolve() == mlflow_db.resolve():
-            raise SpecError(f"--storage {text}: Optuna and MLflow cannot share one SQLite file "
-                            f"({sqlite}); use another file, e.g. {DEFAULT_STORAGE}")
-        try:
-            sqlite.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise tracking.TrackingError(f"cannot create {sqlite.parent}: "
-                                         f"{err.strerror or err}") from None
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            kwargs: dict[str, Any] = {}
-            if heartbeat:
-                from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-                kwargs = {"heartbeat_interval": 60, "grace_period": 180,
-                          "heartbeat_stale_trial_callback":
-                              RetryHeartbeatStaleTrialCallback(max_retry=1)}
-            return optuna.storages.RDBStorage(text, **kwargs)
-    except Exception as err:  # noqa: BLE001 (sqlalchemy: bad URL, no driver, refused connection)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise tracking.TrackingError(f"cannot open Optuna storage {tracking.mask_secrets(text)}: "
-                                     f"{tracking.mask_secrets(first)}") from None
-
-
 def sampler_seed(seed: int, *, worker: int = 0, existing_trials: int = 0) -> int:
     """A sampler seed per (study seed, worker, trials already in the study): workers and a
     resumed study draw fresh points instead of repeating the first ones."""
@@ -538,7 +463,7 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, *,
                                     pruner=pruner, direction="maximize", load_if_exists=True)
     except Exception as err:  # noqa: BLE001 (any storage error becomes one line)
         raise tracking.TrackingError(f"cannot open Optuna study {name!r}: "
-                                     f"{tracking.mask_secrets(str(err).splitlines()[0])}") from None
+                                     f"{tracking.first_line(err)}") from None
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise SpecError(f"Optuna study {name!r} exists and minimizes; use another --study-name")
     if identity is not None:
@@ -555,13 +480,16 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, *,
 
 @dataclass
 class Plan:
-    """How many trials this invocation runs (``to_run``) and the finished count at which
-    ``MaxTrialsCallback`` stops every worker (``stop_at``)."""
+    """How many trials are done and how many this invocation runs (``to_run``)."""
 
     to_run: int
-    stop_at: int
     done: int
     retried: list[int] = field(default_factory=list)
+
+
+def interrupted(trial: FrozenTrial) -> bool:
+    """A trial stopped by Ctrl-C/SIGTERM: not counted as run; its retry resumes its run."""
+    return trial.state == TrialState.FAIL and bool(trial.user_attrs.get("interrupted"))
 
 
 def plan_trials(study: optuna.Study, n_trials: int) -> Plan:
@@ -569,20 +497,13 @@ def plan_trials(study: optuna.Study, n_trials: int) -> Plan:
     that were interrupted (Ctrl-C) do not count, and are enqueued again with the same
     parameters, so their MLflow runs resume from the last checkpoint."""
     trials = study.get_trials(deepcopy=False)
-    interrupted = [t for t in trials if t.state == TrialState.FAIL
-                   and t.user_attrs.get("interrupted")]
-    done = sum(t.state in FINISHED for t in trials) - len(interrupted)
+    stopped = [t for t in trials if interrupted(t)]
+    done = sum(t.state in FINISHED for t in trials) - len(stopped)
     retried_already = {t.user_attrs.get("retry_of") for t in trials}
-    to_retry = [t for t in interrupted if t.number not in retried_already][:max(0, n_trials - done)]
+    to_retry = [t for t in stopped if t.number not in retried_already][:max(0, n_trials - done)]
     for t in to_retry:
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-    return Plan(to_run=max(0, n_trials - done), stop_at=n_trials + len(interrupted), done=done,
-                retried=[t.number for t in to_retry])
-
-
-def split(total: int, workers: int) -> list[int]:
-    """``total`` trials over ``workers`` as evenly as possible (sums to ``total``)."""
-    return [total // workers + (i < total % workers) for i in range(workers)]
+    return Plan(to_run=max(0, n_trials - done), done=done, retried=[t.number for t in to_retry])
 
 
 def format_params(params: dict[str, Any]) -> str:
@@ -599,7 +520,7 @@ def print_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         epoch = trial.user_attrs.get("pruned_at_epoch", trial.last_step)
         what = f"at epoch {epoch}"
     else:
-        what = trial.user_attrs.get("fail_reason", "interrupted"
+        what = trial.user_attrs.get("stop_reason", "interrupted"
                                     if trial.user_attrs.get("interrupted") else "")
     try:
         best = f"; best: trial {study.best_trial.number} ({study.best_value:.2f} dB)"
@@ -607,23 +528,6 @@ def print_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         best = ""
     print(f"[{study.study_name}] trial {trial.number} {state} {what}  "
           f"{format_params(trial.params)}{best}", flush=True)
-
-
-def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], *,
-               n_trials: int, stop_at: int, timeout: float | None = None,
-               count_running: bool = False) -> None:
-    """Run up to ``n_trials`` here; stop early once the study holds ``stop_at`` finished
-    trials (other workers' included; with ``count_running`` the ones running elsewhere count
-    too, so that processes that share a study without a split do not overshoot) or after
-    ``timeout`` seconds. A non-finite loss fails its trial and the study goes on."""
-    if n_trials <= 0:
-        return
-    from optuna.study import MaxTrialsCallback
-
-    states = FINISHED + ((TrialState.RUNNING,) if count_running else ())
-    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(NonFiniteLossError,),
-                   callbacks=[MaxTrialsCallback(stop_at, states=states), print_trial],
-                   gc_after_trial=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,7 +641,7 @@ def write_plots(study: optuna.Study, out_dir: Path) -> tuple[list[Path], list[st
                                      f"({len(complete)} complete trials)"))
             except (RuntimeError, ValueError, ZeroDivisionError) as err:
                 plt.close("all")
-                notes.append(f"parameter importances skipped: {str(err).splitlines()[0]}")
+                notes.append(f"parameter importances skipped: {tracking.first_line(err)}")
         else:
             notes.append("parameter importances skipped: they need at least "
                          f"{MIN_TRIALS_FOR_IMPORTANCE} complete trials ({len(complete)} so far)")
@@ -759,7 +663,7 @@ def write_plots(study: optuna.Study, out_dir: Path) -> tuple[list[Path], list[st
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class StudyJob:
-    """Everything a process needs to join a study (picklable, for ``--workers``)."""
+    """Everything a process needs to run trials of one study."""
 
     study_name: str
     base: ExperimentSpec  # profile-resolved
@@ -777,19 +681,7 @@ class StudyJob:
     arm: str | None = None
     group: str | None = None
     timeout: float | None = None
-
-
-def open_job_study(job: StudyJob, *, worker: int = 0, heartbeat: bool = True) -> optuna.Study:
-    """The job's study, with a sampler seeded for this worker and the trials already run."""
-    storage = open_storage(job.storage, heartbeat=heartbeat)
-    sampler = make_sampler(job.sampler, seed=job.seed, n_trials=job.n_trials)
-    study = open_study(storage, job.study_name, sampler=sampler,
-                       pruner=make_pruner(job.pruner, job.base),
-                       identity=study_identity(job.base, job.space, job.profile))
-    existing = len(study.get_trials(deepcopy=False))
-    study.sampler = make_sampler(job.sampler, seed=job.seed, n_trials=job.n_trials,
-                                 worker=worker, existing_trials=existing)
-    return study
+    argv: tuple[str, ...] = ()  # the command line of a --worker that joins the study
 
 
 def job_objective(job: StudyJob, data: Data | None, *, progress: bool | None) -> Objective:
@@ -798,28 +690,3 @@ def job_objective(job: StudyJob, data: Data | None, *, progress: bool | None) ->
                          parent_run_id=job.parent_run_id or None)
     return Objective(job.base, job.space, study_name=job.study_name, context=context,
                      device=job.device, data=data, progress=progress)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def work(job: StudyJob, worker: int, n_trials: int, stop_at: int, threads: int) -> None:
-    """A worker process (``--workers``): join the study and run up to ``n_trials`` of it."""
-    import signal
-    import sys
-
-    import torch
-
-    from experiments.data import load_data
-
-    signal.signal(signal.SIGTERM, _interrupt)  # terminate() from the parent: trials end KILLED
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    torch.set_num_threads(threads)
-    study = open_job_study(job, worker=worker)
-    data = load_data(job.base.data, job.profile)
-    try:
-        run_trials(study, job_objective(job, data, progress=False), n_trials=n_trials,
-                   stop_at=stop_at, timeout=job.timeout)
-    except KeyboardInterrupt:
-        sys.exit(130)

@@ -111,19 +111,19 @@ def test_pack_flag_checks(tracking_store, capsys):
 def test_default_pack_fits_the_gpus_free_memory(monkeypatch, free_gb, expected):
     import torch
 
-    from studies import common
+    from studies import cli
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (free_gb * 1e9, 80e9))
-    assert common.default_pack("cuda") == expected
-    assert common.default_pack("cpu") == 1
+    assert cli.default_pack("cuda") == expected
+    assert cli.default_pack("cpu") == 1
 
 
 def test_default_jobs_one_single_threaded_process_per_core(monkeypatch):
-    from studies import common
+    from studies import cli, queue
 
-    monkeypatch.setattr(common, "cpu_count", lambda: 2)
-    assert common.default_jobs("cpu", 6) == 2
-    assert common.default_jobs("cpu", 1) == 1
-    assert common.default_jobs("cuda", 6) == 1
-    monkeypatch.setattr(common, "cpu_count", lambda: 16)
-    assert common.default_jobs("cpu", 6) == 6
+    monkeypatch.setattr(queue, "cpu_count", lambda: 2)
+    assert cli.default_jobs("cpu", 6) == 2
+    assert cli.default_jobs("cpu", 1) == 1
+    assert cli.default_jobs("cuda", 6) == 1
+    monkeypatch.setattr(queue, "cpu_count", lambda: 16)
+    assert cli.default_jobs("cpu", 6) == 6

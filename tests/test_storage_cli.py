@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments.registry import apply_profile, resolve_spec
 from studies import queue, tune, tuning
+from studies import storage as storages
 
 SMOKE = ["--profile", "smoke", "--epochs", "1"]
 
@@ -40,7 +41,7 @@ def test_every_command_takes_both_journal_names(tracking_store, tmp_path, capsys
     assert queue.main(["status", "--storage", journal, "--study", "q"]) == 0
     assert "0/3 complete, 0 running, 3 waiting" in capsys.readouterr().out
     # studies.tune opens its --storage here (and the study commands go through the queue's)
-    storage = tuning.open_storage(str(tmp_path / f"tune{suffix}"), heartbeat=False)
+    storage = storages.open_storage(str(tmp_path / f"tune{suffix}"))
     assert isinstance(storage, optuna.storages.JournalStorage)
 
 
@@ -89,7 +90,7 @@ def test_a_tuning_study_is_not_taken_for_a_queue(tracking_store, tmp_path, capsy
     journal = str(tmp_path / "optuna.journal")
     base = apply_profile(resolve_spec("report_final"), "smoke", epochs=1)
     space = tuning.search_space(base)
-    study = tuning.open_study(tuning.open_storage(journal), "tuned",
+    study = tuning.open_study(storages.open_storage(journal), "tuned",
                               sampler=optuna.samplers.RandomSampler(seed=0),
                               pruner=optuna.pruners.NopPruner(),
                               identity=tuning.study_identity(base, space, "smoke"))

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from studies import kl_ablation, prior_ablation, sigmoid_ablation, tfr_ablation
 from studies import report as report_module
-from studies.common import cpu_count
+from studies.queue import cpu_count
 from studies.results import COLUMNS, FRAME_COLUMNS, load_study
 
 SMOKE = ["--profile", "smoke", "--epochs", "2", "--device", "cpu"]

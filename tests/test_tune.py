@@ -138,8 +138,7 @@ def test_edge_report_uses_the_sampled_scale():
 # ---------------------------------------------------------------------------------------------
 # Trials bookkeeping
 # ---------------------------------------------------------------------------------------------
-def test_split_and_plan_count_the_studys_total():
-    assert tuning.split(5, 2) == [3, 2] and tuning.split(2, 3) == [1, 1, 0]
+def test_plan_counts_the_studys_total():
     study = optuna.create_study(direction="maximize")
     for value in (1.0, 2.0):
         study.add_trial(optuna.trial.create_trial(
@@ -150,7 +149,7 @@ def test_split_and_plan_count_the_studys_total():
         distributions={"x": optuna.distributions.FloatDistribution(0, 10)}))
     plan = tuning.plan_trials(study, 5)
     # 2 done (the interrupted one does not count), 3 to run, the first a retry of trial 2.
-    assert (plan.done, plan.to_run, plan.stop_at, plan.retried) == (2, 3, 6, [2])
+    assert (plan.done, plan.to_run, plan.retried) == (2, 3, [2])
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert [t.system_attrs["fixed_params"] for t in waiting] == [{"x": 3.0}]
     assert tuning.plan_trials(study, 5).retried == []  # enqueued once only
@@ -220,7 +219,7 @@ def test_a_non_finite_loss_fails_the_trial_with_its_reason(tracking_store, tiny)
     trial = FixedTrial({"optim.lr": 1e9}, number=0)
     with pytest.raises(NonFiniteLossError):
         objective(trial)
-    assert "non-finite" in trial.user_attrs["fail_reason"]
+    assert "non-finite" in trial.user_attrs["stop_reason"]
     (run,) = _child_runs(MlflowClient(), "tune-nan")
     assert run.info.status == "FAILED" and run.data.tags["trial_state"] == "FAIL"
 
@@ -268,7 +267,7 @@ def test_study_end_to_end_with_a_failed_and_a_pruned_trial(tracking_store, tiny,
     study = optuna.load_study(study_name="e2e", storage=storage)
     states = {t.number: t.state.name for t in study.trials}
     assert states == {0: "FAIL", 1: "PRUNED", 2: "COMPLETE", 3: "COMPLETE"}  # it went on
-    assert "non-finite" in study.trials[0].user_attrs["fail_reason"]
+    assert "non-finite" in study.trials[0].user_attrs["stop_reason"]
     assert study.trials[1].user_attrs["pruned_at_epoch"] == 0
 
     client = MlflowClient()
