@@ -130,13 +130,7 @@ def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = 
     created). ``heartbeat`` seconds (database storages only; None: no heartbeats), ``grace``
     and ``on_stale`` (the retry callback) as ``RDBStorage`` takes them."""
     check_url(url)
-    path = storage_file(url)
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise tracking.TrackingError(f"optuna storage {url}: cannot create {path.parent} "
-                                         f"({err.strerror or err})") from None
+    path = _folder_made(url)
     if is_journal(url):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -152,6 +146,18 @@ def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = 
             heartbeat_stale_trial_callback=on_stale if heartbeat else None)
 
 
+def _folder_made(url: str) -> Path | None:
+    """The storage's file with its folder created (None for a database server)."""
+    path = storage_file(url)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise tracking.TrackingError(f"optuna storage {url}: cannot create {path.parent} "
+                                         f"({err.strerror or err})") from None
+    return path
+
+
 @contextlib.contextmanager
 def exclusive(url: str) -> Iterator[None]:
     """One process at a time per storage (e.g. ``enqueue_trial(skip_if_exists=True)`` looks,
@@ -161,7 +167,7 @@ def exclusive(url: str) -> Iterator[None]:
     machine): ``flock`` on a file beside the database; in-memory SQLite: nothing to share.
     """
     if is_journal(url) or url.startswith("sqlite"):
-        path = storage_file(url)
+        path = _folder_made(url)
         if path is None:
             yield
             return
