@@ -115,7 +115,7 @@ class Grid:
                            "arms": sorted(self.spec_hashes)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
-    def context(self, arm: Arm, *, experiment_id: str, parent_run_id: str,
+    def context(self, arm: Arm, *, experiment_id: str | None, parent_run_id: str | None,
                 **extra_tags: str) -> RunContext:
         return RunContext(study=self.study, arm=arm.name, group=arm.group, profile=self.profile,
                           experiment_id=experiment_id, parent_run_id=parent_run_id,

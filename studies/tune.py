@@ -16,27 +16,25 @@ Search space, objective and pruning: see ``studies.tuning`` (a spec file's ``[se
 changes the space). The objective is the final validation PSNR (maximized); pruned trials end
 their MLflow run KILLED, a non-finite loss fails the trial and the study goes on.
 
-- Storage (``--storage``): default ``sqlite:///mlruns/optuna.db`` (never MLflow's file); any
-  Optuna storage URL (PostgreSQL for several machines); a path ending in ``.journal`` or
+- Storage (``--storage``, see ``studies.storage``): default ``sqlite:///mlruns/optuna.db``
+  (never MLflow's file); PostgreSQL for several machines; a path ending in ``.journal`` or
   ``.log`` is a journal file (best for ``--workers`` on one machine). The study resumes when
   rerun with the same name: ``--n-trials`` is its total, so only the missing trials run.
-- ``--workers K``: K worker processes share the study (``--worker`` processes started here;
-  the Optuna study, the MLflow experiment and the parent run are created first). Every process
-  claims its next trial under the storage's lock while the study holds fewer than N, so
-  exactly N run in all, however many processes on however many machines take part.
+- ``--workers K``: K ``--worker`` processes of this command share the study; ``--worker`` on
+  other machines joins it. Each process claims its next trial under the storage's lock while
+  the study holds fewer than N, so exactly N run in all.
 - MLflow: experiment ``tune-<study>``, a parent run per Optuna study, a child run per trial
   (tags ``trial``, ``optuna_study``, and ``trial_state`` = COMPLETE | PRUNED | FAIL).
 - Outputs in ``mlruns/reports/<study>/`` (also logged to the parent run under ``tuning/``):
   ``best_spec.toml`` (runs with ``python -m experiments run FILE --profile P --epochs E``),
   ``optimization_history.png``, ``intermediate_values.png``, ``param_importances.png``
-  (from 5 complete trials on),
-  ``slice.png``, ``trials.csv``; it says whether the best point lies on the edge of the space.
+  (from 5 complete trials on), ``slice.png``, ``trials.csv``; it says whether the best point
+  lies on the edge of the space.
 - ``--per-arm ABLATION`` (the tuning playbook's protocol): one study per arm
   (``<study>-<arm>``) with the same space, budget and sampler seed, the arm's scientific
   setting fixed; then each arm's best settings are rerun over ``--rerun-seeds`` (by default
   three seeds the trials did not train with: a trial's own seed is biased upward) (experiment
-  ``<study>-rerun``) and compared with the ablation studies' summary table and figures
-  (``mlruns/reports/<study>-rerun/``).
+  ``<study>-rerun``) and compared like an ablation study (``mlruns/reports/<study>-rerun/``).
 """
 
 from __future__ import annotations
@@ -59,10 +57,19 @@ from optuna.trial import TrialState
 from cvae.train import NonFiniteLossError
 from experiments import tracking
 from experiments.cli import Parser, add_common, guarded, resolve_profile_and_device, seed_arg
-from experiments.registry import SPECS, Ablation, Arm, get_ablation, resolve
+from experiments.registry import (
+    SPECS,
+    Ablation,
+    Arm,
+    explicit_keys,
+    get_ablation,
+    resolve,
+    resolve_spec,
+)
 from experiments.spec import ExperimentSpec, SpecError, apply_overrides, flatten, spec_hash
 from studies import queue, results, tuning
 from studies import storage as storages
+from studies.grid import Grid, run_here
 from studies.report import REPORTS
 
 
@@ -97,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arm", default=None, metavar="ARM",
                         help="with --per-arm --worker: join only this arm's study")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="torch CPU threads of a --worker (default: torch's choice)")
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--rerun-seeds", type=seed_arg, nargs="+", default=None, metavar="SEED",
                         help="rerun the best settings over these seeds (default with --per-arm: "
                              "three seeds the trials did not train with, 1 2 3 for specs of "
@@ -112,20 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
 def open_job_study(job: tuning.StudyJob, *, worker: int = 0) -> optuna.Study:
     """The job's study (created, or resumed if it is about the same thing), with heartbeats
     and retries on a database storage and a sampler seeded for this worker."""
-    beats = None if storages.is_journal(job.storage) else storages.HEARTBEAT
+    search = job.search
     storage = storages.open_storage(
-        job.storage, heartbeat=beats, grace=storages.GRACE,
+        job.storage, heartbeat=_heartbeat(job), grace=storages.GRACE,
         on_stale=queue.LoggedRetry(me=queue.me(), max_retry=storages.MAX_RETRY))
-    sampler = tuning.make_sampler(job.sampler, seed=job.seed, n_trials=job.n_trials)
+    sampler = tuning.make_sampler(search.sampler, seed=search.seed, n_trials=search.n_trials)
     with storages.storage_errors(job.storage):
         study = tuning.open_study(storage, job.study_name, sampler=sampler,
-                                  pruner=tuning.make_pruner(job.pruner, job.base),
-                                  identity=tuning.study_identity(job.base, job.space,
-                                                                 job.profile))
+                                  pruner=tuning.make_pruner(search.pruner, job.base),
+                                  identity=tuning.study_identity(job.base, search.space,
+                                                                 job.grid.profile))
         study.sampler = tuning.make_sampler(
-            job.sampler, seed=job.seed, n_trials=job.n_trials, worker=worker,
+            search.sampler, seed=search.seed, n_trials=search.n_trials, worker=worker,
             existing_trials=len(study.get_trials(deepcopy=False)))
     return study
+
+
+def _heartbeat(job: tuning.StudyJob) -> int | None:
+    return None if storages.is_journal(job.storage) else storages.HEARTBEAT
 
 
 def claim(study: optuna.Study, n_trials: int) -> optuna.Trial | None:
@@ -143,20 +154,28 @@ def claim(study: optuna.Study, n_trials: int) -> optuna.Trial | None:
 
 
 def take_trials(job: tuning.StudyJob, study: optuna.Study, *, data: Any,
-                progress: bool | None) -> int:
-    """Claim, run and tell trials in this process until the study holds ``job.n_trials``
-    (or ``job.timeout`` has passed); a non-finite loss or a pruned trial is a result and the
-    study goes on. Returns how many ran here."""
+                progress: bool | None, linger: bool = False) -> int:
+    """Claim, run and tell trials here until the study holds ``n_trials`` (or the timeout
+    has passed); a non-finite loss or a pruned trial is a result and the study goes on.
+    ``linger``: then wait for the trials running elsewhere (a dead worker's is failed after
+    the grace period and retried, here). Returns how many ran here."""
     objective = tuning.job_objective(job, data, progress=progress)
-    beats = None if storages.is_journal(job.storage) else storages.HEARTBEAT
-    started, ran = time.monotonic(), 0
-    while job.timeout is None or time.monotonic() - started < job.timeout:
+    started, ran, announced = time.monotonic(), 0, False
+    while job.search.timeout is None or time.monotonic() - started < job.search.timeout:
         with storages.exclusive(job.storage), storages.storage_errors(job.storage):
             optuna.storages.fail_stale_trials(study)
-            trial = claim(study, job.n_trials)
+            trial = claim(study, job.search.n_trials)
+            running = tuning.counts(study)["RUNNING"]
+        if trial is None and linger and running:
+            if not announced:
+                print(f"[{job.study_name}] waiting for {running} trial(s) running elsewhere",
+                      flush=True)
+                announced = True
+            time.sleep(5.0)
+            continue
         if trial is None:
             break
-        with queue.Heartbeat(study._storage, trial._trial_id, beats):
+        with queue.Heartbeat(study._storage, trial._trial_id, _heartbeat(job)):
             state, value = _run_objective(study, trial, objective)
         queue.tell(study, trial, state, value)
         tuning.print_trial(study, study._storage.get_trial(trial._trial_id))
@@ -180,50 +199,31 @@ def _run_objective(study: optuna.Study, trial: optuna.Trial,
     return (TrialState.COMPLETE, value) if math.isfinite(value) else (TrialState.FAIL, None)
 
 
-def serve_study(job: tuning.StudyJob, *, data: Any) -> None:
-    """``--worker``: join a study its coordinating command created (same flags, no
-    ``--worker``) and take trials until it holds ``n_trials``, filed under the coordinator's
-    parent run."""
-    from mlflow.tracking import MlflowClient
-
-    tracking.configure()
-    client = MlflowClient()
-    found = client.get_experiment_by_name(job.experiment)
-    parents = [] if found is None else client.search_runs(
-        [found.experiment_id], filter_string=_parent_query(job), max_results=1)
-    if not parents:
-        raise SpecError(f"no study {job.study_name!r} to join in MLflow experiment "
-                        f"{job.experiment!r}: start the same command without --worker first "
-                        "(it creates the study and its parent run)")
-    job.experiment_id, job.parent_run_id = found.experiment_id, parents[0].info.run_id
-    study = open_job_study(job, worker=os.getpid())
-    print(f"[{job.study_name}] worker {queue.me()}: taking trials until the study has "
-          f"{job.n_trials}", flush=True)
-    ran = take_trials(job, study, data=data, progress=False)
-    print(f"[{job.study_name}] worker {queue.me()}: {ran} trial(s) here; the study has its "
-          f"{job.n_trials} trials", flush=True)
-
-
 def _parent_query(job: tuning.StudyJob) -> str:
     return (f"tags.{results.PARENT_TAG} = '1' and "
             f"tags.optuna_study = {results.quote(job.study_name)}")
 
 
-def wait_for_others(job: tuning.StudyJob, study: optuna.Study, poll: float = 5.0) -> None:
-    """Before the report: the trials that processes elsewhere still run (a dead worker's
-    trial is failed by the heartbeat check and retried)."""
-    announced = False
-    while True:
-        with storages.storage_errors(job.storage):
-            optuna.storages.fail_stale_trials(study)
-            running = tuning.counts(study)["RUNNING"]
-        if running == 0:
-            return
-        if not announced:
-            print(f"[{job.study_name}] waiting for {running} trial(s) running elsewhere",
-                  flush=True)
-            announced = True
-        time.sleep(poll)
+def serve_study(job: tuning.StudyJob, *, data: Any) -> None:
+    """``--worker``: join a study its coordinating command created (same flags, no
+    ``--worker``) and take trials until it holds ``n_trials``, filed under its parent run."""
+    from mlflow.tracking import MlflowClient
+
+    tracking.configure()
+    client = MlflowClient()
+    found = client.get_experiment_by_name(job.grid.study)
+    parents = [] if found is None else client.search_runs(
+        [found.experiment_id], filter_string=_parent_query(job), max_results=1)
+    if not parents:
+        raise SpecError(f"no study {job.study_name!r} to join in MLflow experiment "
+                        f"{job.grid.study!r}: start the same command without --worker first "
+                        "(it creates the study and its parent run)")
+    job.experiment_id, job.parent_run_id = found.experiment_id, parents[0].info.run_id
+    print(f"[{job.study_name}] worker {queue.me()}: taking trials until the study has "
+          f"{job.search.n_trials}", flush=True)
+    ran = take_trials(job, open_job_study(job, worker=os.getpid()), data=data, progress=False)
+    print(f"[{job.study_name}] worker {queue.me()}: {ran} trial(s) here; the study has its "
+          f"{job.search.n_trials} trials", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,14 +234,13 @@ class StudyResult:
     job: tuning.StudyJob
     best: Any  # FrozenTrial | None
     best_spec: ExperimentSpec | None
-    counts: dict[str, int]
     edges: list[str]
-    out_dir: Path
     worker_failures: int = 0
 
 
-def _parent_run(client: Any, job: tuning.StudyJob, tags: dict[str, str]) -> str:
-    """The study's parent run: reused (RUNNING again) when the study resumes, else created."""
+def _parent_run(client: Any, job: tuning.StudyJob) -> str:
+    """The study's parent run: reused (RUNNING again) when the study resumes, else created;
+    its tags say what the study is."""
     found = client.search_runs([job.experiment_id], filter_string=_parent_query(job),
                                order_by=["attribute.start_time DESC"], max_results=1)
     if found:
@@ -249,9 +248,16 @@ def _parent_run(client: Any, job: tuning.StudyJob, tags: dict[str, str]) -> str:
         client.update_run(run_id, status="RUNNING")
     else:
         run_id = client.create_run(job.experiment_id, run_name=job.study_name,
-                                   tags={results.PARENT_TAG: "1", "study": job.experiment,
+                                   tags={results.PARENT_TAG: "1", "study": job.grid.study,
                                          "optuna_study": job.study_name}).info.run_id
-    for key, value in tags.items():
+    base, search = job.base, job.search
+    for key, value in {
+            "spec": base.name, "spec_hash": spec_hash(base), "profile": job.grid.profile,
+            "device": job.device, "epochs": base.train.epochs, "sampler": search.sampler,
+            "sampler_seed": search.seed, "pruner": search.pruner, "n_trials": search.n_trials,
+            "optuna_storage": job.storage, "search_space": search.space.to_json(),
+            "arm": job.arm.name, "group": job.arm.group,
+            "git_commit": tracking.git_commit()}.items():
         client.set_tag(run_id, key, tracking.mask_secrets(str(value)))
     return run_id
 
@@ -262,34 +268,26 @@ def tune_study(job: tuning.StudyJob, *, workers: int, data: Any, root: str) -> S
     from mlflow.tracking import MlflowClient
 
     study = open_job_study(job)
-    plan = tuning.plan_trials(study, job.n_trials)
+    plan = tuning.plan_trials(study, job.search.n_trials)
     tracking.configure()
     client = MlflowClient()
-    job.experiment_id = tracking.get_or_create_experiment(job.experiment)
-    job.parent_run_id = _parent_run(client, job, {
-        "spec": job.base.name, "spec_hash": spec_hash(job.base), "profile": job.profile,
-        "device": job.device, "epochs": job.base.train.epochs, "sampler": job.sampler,
-        "sampler_seed": job.seed, "pruner": job.pruner, "n_trials": job.n_trials,
-        "optuna_storage": job.storage, "search_space": job.space.to_json(),
-        "arm": job.arm or job.base.name, "group": job.group or job.arm or job.base.name,
-        "git_commit": tracking.git_commit()})
+    job.experiment_id = tracking.get_or_create_experiment(job.grid.study)
+    job.parent_run_id = _parent_run(client, job)
     workers = min(workers, max(plan.to_run, 1))
-    print(f"[{job.study_name}] {plan.done} of {job.n_trials} trials done, running "
-          f"{plan.to_run} (workers: {workers}); storage "
-          f"{tracking.mask_secrets(job.storage)}; MLflow experiment {job.experiment} "
-          f"(parent run {job.parent_run_id})", flush=True)
-    for line in [p.describe() for p in job.space.params] + list(job.space.notes):
+    print(f"[{job.study_name}] {plan.done} of {job.search.n_trials} trials done, running "
+          f"{plan.to_run} (workers: {workers}); storage {tracking.mask_secrets(job.storage)}; "
+          f"MLflow experiment {job.grid.study} (parent run {job.parent_run_id})", flush=True)
+    for line in [p.describe() for p in job.search.space.params] + list(job.search.space.notes):
         print(f"[{job.study_name}]   {line}", flush=True)
     if plan.retried:
         print(f"[{job.study_name}] retrying interrupted trial(s) {plan.retried}", flush=True)
     failures = 0
     try:
-        if workers <= 1:
-            take_trials(job, study, data=data, progress=None)
-        else:
+        if workers > 1:
             failures = _run_workers(job, workers)
-        if storages.shared(job.storage):
-            wait_for_others(job, study)  # --worker processes elsewhere may still run trials
+        # Here (after local workers, what they left); on a shared database, then until no
+        # trial runs anywhere (other machines' --worker processes).
+        take_trials(job, study, data=data, progress=None, linger=storages.shared(job.storage))
     except BaseException as err:
         client.set_terminated(job.parent_run_id,
                               "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
@@ -305,8 +303,6 @@ def _run_workers(job: tuning.StudyJob, workers: int) -> int:
     cores; returns how many exited with an error."""
     threads = max(1, queue.cpu_count() // workers)  # no oversubscription of the cores
     argv = [*job.argv, "--storage", job.storage, "--worker", "--threads", str(threads)]
-    if job.arm is not None:
-        argv += ["--arm", job.arm]
     with queue.workers("studies.tune", [argv] * workers, threads=threads) as procs:
         pass
     for i, proc in enumerate(procs):
@@ -321,44 +317,23 @@ def _run_workers(job: tuning.StudyJob, workers: int) -> int:
 # ---------------------------------------------------------------------------------------------
 def report(job: tuning.StudyJob, client: Any, *, root: str) -> StudyResult:
     """Best trial, edge check, best_spec.toml, plots and trials.csv; logged to the parent."""
-    study = open_job_study(job)  # a fresh view of every worker's trials
-    out = REPORTS / job.study_name
+    study, name = open_job_study(job), job.study_name  # a fresh view of every worker's trials
+    out = REPORTS / name
     out.mkdir(parents=True, exist_ok=True)
-    counts = tuning.counts(study)
-    best = tuning.best_trial(study)
+    counts, best = tuning.counts(study), tuning.best_trial(study)
     files, notes = tuning.write_plots(study, out)
     table = study.trials_dataframe()
     if len(table):
         table.to_csv(out / "trials.csv", index=False)
         files.append(out / "trials.csv")
-    name = job.study_name
     print(f"[{name}] {len(study.trials)} trials: {counts['COMPLETE']} complete, "
           f"{counts['PRUNED']} pruned, {counts['FAIL']} failed"
           + (f", {counts['RUNNING']} still running" if counts["RUNNING"] else ""), flush=True)
-    best_spec, edges = None, []
+    result = StudyResult(job, best, None, [])
     if best is None:
         print(f"[{name}] no trial completed: no best settings", flush=True)
     else:
-        best_spec = replace(apply_overrides(job.base, best.params), name=f"{job.base.name}-tuned")
-        edges = tuning.edge_report(job.space, best.params)
-        path = write_best_spec(job, best, best_spec, root, out)
-        files.append(path)
-        print(f"[{name}] best: trial {best.number}, {tuning.OBJECTIVE} {best.value:.3f} dB, "
-              f"{tuning.format_params(best.params)}", flush=True)
-        if edges:
-            for line in edges:
-                print(f"[{name}] ON THE EDGE: {line}: widen or move that range", flush=True)
-        else:
-            print(f"[{name}] the best point is inside the search space (no parameter within "
-                  f"{tuning.EDGE_FRACTION:.0%} of a bound)", flush=True)
-        print(f"[{name}] best spec: {path}; rerun it with: python -m experiments run {path} "
-              f"--profile {job.profile} --epochs {job.base.train.epochs}", flush=True)
-        client.log_metric(job.parent_run_id, "best_val_psnr", float(best.value))
-        client.set_tag(job.parent_run_id, "best_trial", str(best.number))
-        client.set_tag(job.parent_run_id, "best_params", tuning.format_params(best.params))
-        client.set_tag(job.parent_run_id, "best_on_edge", "; ".join(edges) or "no")
-        if "mlflow_run_id" in best.user_attrs:
-            client.set_tag(job.parent_run_id, "best_run_id", best.user_attrs["mlflow_run_id"])
+        files.append(_report_best(result, client, root, out))
     for note in notes:
         print(f"[{name}] note: {note}", flush=True)
     for key, value in counts.items():
@@ -367,235 +342,67 @@ def report(job: tuning.StudyJob, client: Any, *, root: str) -> StudyResult:
         client.log_artifact(job.parent_run_id, str(path), "tuning")
     print(f"[{name}] report: {out}/ (also logged to parent run {job.parent_run_id} under "
           "tuning/)", flush=True)
-    return StudyResult(job, best, best_spec, counts, edges, out)
+    return result
+
+
+def _report_best(result: StudyResult, client: Any, root: str, out: Path) -> Path:
+    """The best trial: its spec file, whether it lies on an edge; printed and tagged."""
+    job, best, name = result.job, result.best, result.job.study_name
+    result.best_spec = replace(apply_overrides(job.base, best.params), name=f"{job.base.name}-tuned")
+    result.edges = tuning.edge_report(job.search.space, best.params)
+    path = write_best_spec(job, best, result.best_spec, root, out)
+    print(f"[{name}] best: trial {best.number}, {tuning.OBJECTIVE} {best.value:.3f} dB, "
+          f"{tuning.format_params(best.params)}", flush=True)
+    for line in result.edges:
+        print(f"[{name}] ON THE EDGE: {line}: widen or move that range", flush=True)
+    if not result.edges:
+        print(f"[{name}] the best point is inside the search space (no parameter within "
+              f"{tuning.EDGE_FRACTION:.0%} of a bound)", flush=True)
+    print(f"[{name}] best spec: {path}; rerun it with: python -m experiments run {path} "
+          f"--profile {job.grid.profile} --epochs {job.base.train.epochs}", flush=True)
+    client.log_metric(job.parent_run_id, "best_val_psnr", float(best.value))
+    for key, value in {"best_trial": str(best.number),
+                       "best_params": tuning.format_params(best.params),
+                       "best_on_edge": "; ".join(result.edges) or "no",
+                       "best_run_id": best.user_attrs.get("mlflow_run_id")}.items():
+        if value is not None:
+            client.set_tag(job.parent_run_id, key, value)
+    return path
 
 
 def write_best_spec(job: tuning.StudyJob, best: Any, spec: ExperimentSpec, root: str,
                     out: Path) -> Path:
     """``best_spec.toml``, checked to resolve back to exactly the best trial's spec."""
-    path = out / "best_spec.toml"
-    epochs = spec.train.epochs
+    path, profile, epochs = out / "best_spec.toml", job.grid.profile, spec.train.epochs
     header = [
         f"Best trial {best.number} of Optuna study {job.study_name!r}: "
         + f"{tuning.OBJECTIVE} {best.value:.3f} dB",
-        f"tuned under --profile {job.profile} with {epochs} epoch{'s' if epochs != 1 else ''} "
+        f"tuned under --profile {profile} with {epochs} epoch{'s' if epochs != 1 else ''} "
         + "(model widths come from the profile)",
-        f"rerun: python -m experiments run {path} --profile {job.profile} --epochs {epochs}",
+        f"rerun: python -m experiments run {path} --profile {profile} --epochs {epochs}",
     ]
-    text = tuning.best_spec_toml(root=root, spec=spec, profile=job.profile,
-                                 tuned=job.space.keys, header=header)
-    path.write_text(text)
-    again = resolve(str(path), profile=job.profile, epochs=epochs)
+    path.write_text(tuning.best_spec_toml(root=root, spec=spec, profile=profile,
+                                          tuned=job.search.space.keys, header=header))
+    again = resolve(str(path), profile=profile, epochs=epochs)
     if spec_hash(again) != spec_hash(spec):
         print(f"warning: {path} resolves to spec_hash {spec_hash(again)}, not the best trial's "
               f"{spec_hash(spec)}", file=sys.stderr)
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# Specs
-# ---------------------------------------------------------------------------------------------
 def closest_registered(spec: ExperimentSpec) -> str:
     """The registered spec that differs from ``spec`` in the fewest fields (the `base` of a
     best_spec.toml for an ablation arm that is not registered itself)."""
     if spec.name in SPECS:
         return spec.name
     mine = flatten(spec)
-
-    def distance(name: str) -> int:
-        theirs = flatten(SPECS[name])
-        return sum(theirs.get(k) != v for k, v in mine.items())
-
-    return min(SPECS, key=distance)
-
-
-def _load_data(specs: list[ExperimentSpec], profile: str, workers: int) -> dict[Any, Any]:
-    """Each spec's data by its ``data`` field, read here first as the study commands do: bad
-    data fails before the storage, a study or a parent run exists (and the decoded cache is
-    made once). With ``workers`` > 1 the values are None: each worker loads its own, and
-    only a dataset folder is read here, to check it (the synthetic data cannot be bad)."""
-    from experiments.data import load_data
-
-    loaded: dict[Any, Any] = {}
-    for spec in specs:
-        if spec.data in loaded:
-            continue
-        if workers > 1:
-            if spec.data.source != "synthetic":
-                load_data(spec.data, profile)
-            loaded[spec.data] = None
-        else:
-            loaded[spec.data] = load_data(spec.data, profile)
-    return loaded
+    return min(SPECS, key=lambda name: sum(flatten(SPECS[name]).get(k) != v
+                                           for k, v in mine.items()))
 
 
 # ---------------------------------------------------------------------------------------------
-# Per arm
+# Reruns of the best settings
 # ---------------------------------------------------------------------------------------------
-def tune_per_arm(args: argparse.Namespace, jobs: list[tuning.StudyJob], ablation: Ablation,
-                 data: dict[Any, Any]) -> int:
-    """The playbook's protocol: same space, budget and sampler seed for every arm; then each
-    arm's best settings over ``--rerun-seeds``, compared like an ablation study."""
-    results_ = [tune_study(job, workers=args.workers, data=data[job.base.data],
-                           root=closest_registered(ablation_arm(ablation, job.arm).spec))
-                for job in jobs]
-    name = jobs[0].study_name.removesuffix(f"-{jobs[0].arm}")
-    _best_per_arm_table(args, name, ablation, results_, profile=jobs[0].profile)
-    missing = [r.job.arm for r in results_ if r.best_spec is None]
-    if missing:
-        print(f"no rerun: arm(s) {', '.join(missing)} have no complete trial", file=sys.stderr)
-        return 1
-    tuned = Ablation(ablation.name, tuple(Arm(r.job.arm, r.best_spec, r.job.group,
-                                              keep=tuple(r.job.space.keys))
-                                          for r in results_),
-                     ablation.reference, ablation.scientific)
-    failed = rerun(tuned, f"{name}-rerun", args.rerun_seeds, {r.job.base.seed for r in results_},
-                   jobs[0])
-    return 1 if failed or any(r.worker_failures for r in results_) else 0
-
-
-def ablation_arm(ablation: Ablation, name: str | None) -> Arm:
-    return next(a for a in ablation.arms if a.name == name)
-
-
-def _best_per_arm_table(args: argparse.Namespace, name: str, ablation: Ablation,
-                        results_: list[StudyResult], *, profile: str) -> None:
-    setup = (f"{args.n_trials} trials per arm, sampler {args.sampler} (seed {args.seed}), "
-             f"pruner {args.pruner}, profile {profile}; scientific hyperparameter: "
-             f"{ablation.scientific}.")
-    lines = [f"# {name}: best settings per arm", "", setup, "",
-             "| arm | best final val/psnr (dB) | trial | settings | on the edge |",
-             "|---|---|---|---|---|"]
-    for r in results_:
-        value = f"{r.best.value:.2f}" if r.best else "no complete trial"
-        params = tuning.format_params(r.best.params) if r.best else ""
-        trial = str(r.best.number) if r.best else ""
-        lines.append(f"| `{r.job.arm}` | {value} | {trial} | {params} | "
-                     f"{'; '.join(r.edges) or 'no'} |")
-    table = REPORTS / name / "best_per_arm.md"
-    table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text("\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines[4:]) + f"\n(saved to {table})")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-def _check_args(args: argparse.Namespace) -> None:
-    if args.n_trials < 1:
-        raise SpecError(f"--n-trials={args.n_trials} must be >= 1")
-    if args.workers < 1:
-        raise SpecError(f"--workers={args.workers} must be >= 1")
-    if args.epochs is not None and args.epochs < 1:
-        raise SpecError(f"--epochs={args.epochs} must be >= 1")
-    if args.timeout is not None and args.timeout <= 0:
-        raise SpecError(f"--timeout={args.timeout} must be > 0")
-    if args.threads is not None and args.threads < 1:
-        raise SpecError(f"--threads={args.threads} must be >= 1")
-    if args.worker and args.storage is None:
-        raise SpecError("--worker joins the coordinating command's study: give its --storage "
-                        "(postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB for several machines)")
-    if args.worker and args.workers > 1:
-        raise SpecError("--worker runs trials in this process; start more workers instead of "
-                        "--workers")
-    if args.per_arm and args.spec:
-        raise SpecError("--per-arm takes its specs from the ablation's arms; drop --spec")
-    if args.arm and not (args.per_arm and args.worker):
-        raise SpecError("--arm goes with --per-arm --worker (join one arm's study)")
-
-
-def make_jobs(args: argparse.Namespace, *, profile: str, device: str,
-              storage: str) -> list[tuning.StudyJob]:
-    """One job per study the command runs: the spec's, or one per arm with ``--per-arm``."""
-    common = {"storage": storage, "sampler": args.sampler, "pruner": args.pruner,
-              "seed": args.seed, "n_trials": args.n_trials, "profile": profile,
-              "device": device, "timeout": args.timeout}
-    if not args.per_arm:
-        spec_name = args.spec or "report_final"
-        base = resolve(spec_name, profile=profile, epochs=args.epochs, data=args.data)
-        name = args.study_name or f"{base.name}-{profile}-{base.train.epochs}ep"
-        space = tuning.search_space(base, tuning.load_spec(spec_name)[1])
-        return [tuning.StudyJob(study_name=name, base=base, space=space,
-                                experiment=f"tune-{name}",
-                                argv=_worker_argv(args, profile, device, name), **common)]
-    ablation = get_ablation(args.per_arm)
-    if args.arm is not None:
-        ablation_arm_or_fail(ablation, args.arm)
-    bases = [resolve(arm.spec, profile=profile, epochs=args.epochs, data=args.data)
-             for arm in ablation.arms]
-    name = args.study_name or f"{ablation.name}-{profile}-{bases[0].train.epochs}ep"
-    return [tuning.StudyJob(study_name=f"{name}-{arm.name}", base=base,
-                            space=tuning.search_space(base), experiment=f"tune-{name}",
-                            arm=arm.name, group=arm.group,
-                            argv=_worker_argv(args, profile, device, name), **common)
-            for arm, base in zip(ablation.arms, bases, strict=True)
-            if args.arm in (None, arm.name)]
-
-
-def ablation_arm_or_fail(ablation: Ablation, name: str) -> None:
-    if name not in [a.name for a in ablation.arms]:
-        raise SpecError(f"--arm {name!r} is not an arm of ablation {ablation.name!r}; arms: "
-                        f"{', '.join(a.name for a in ablation.arms)}")
-
-
-def _worker_argv(args: argparse.Namespace, profile: str, device: str, name: str) -> tuple:
-    """The command line of a ``--worker`` that joins this command's study (its storage is
-    added by who starts it)."""
-    argv = ["--spec", args.spec] if args.spec else []
-    argv += ["--per-arm", args.per_arm] if args.per_arm else []
-    argv += ["--n-trials", str(args.n_trials), "--study-name", name, "--sampler", args.sampler,
-             "--pruner", args.pruner, "--seed", str(args.seed), "--profile", profile,
-             "--device", device]
-    for flag, value in (("--epochs", args.epochs), ("--timeout", args.timeout),
-                        ("--data", args.data)):
-        if value is not None:
-            argv += [flag, str(value)]
-    return tuple(argv)
-
-
-@guarded
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _check_args(args)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    profile, device = resolve_profile_and_device(args)
-    storage = storages.storage_url(args.storage)
-    storages.check_url(storage)
-    jobs = make_jobs(args, profile=profile, device=device, storage=storage)
-    data = _load_data([job.base for job in jobs], profile, 1 if args.worker else args.workers)
-    storages.open_storage(storage)  # a bad URL fails here, before any work
-    tracking.configure()
-    if args.worker:
-        for job in jobs:
-            serve_study(job, data=data[job.base.data])
-        return 0
-    if args.workers > 1 and storage.startswith("sqlite"):
-        print("note: several workers on SQLite work but Optuna recommends a journal file "
-              "(--storage mlruns/optuna.journal) or PostgreSQL", file=sys.stderr)
-    started = time.monotonic()
-    if args.per_arm:
-        code = tune_per_arm(args, jobs, get_ablation(args.per_arm), data)
-    else:
-        (job,) = jobs
-        result = tune_study(job, workers=args.workers, data=data[job.base.data],
-                            root=tuning.registered_root(args.spec or "report_final"))
-        code = 1 if result.worker_failures or result.best is None else 0
-        if result.best is not None and args.rerun_seeds:
-            arm = Arm(job.base.name, result.best_spec, job.base.name,
-                      keep=tuple(job.space.keys))
-            ablation = Ablation(job.study_name, (arm,), arm.name,
-                                "none (best settings over seeds)")
-            code = max(code, rerun(ablation, f"{job.study_name}-rerun", args.rerun_seeds,
-                                   {job.base.seed}, job))
-    print(f"wall time: {time.monotonic() - started:.0f} s; dashboard: optuna-dashboard "
-          f"{tracking.mask_secrets(storage)} --host 127.0.0.1 --port 8080", flush=True)
-    return code
-
-
 def rerun_seeds(requested: list[int] | None, trial_seeds: set[int], *,
                 count: int = 3) -> tuple[list[int], str | None]:
     """The seeds to rerun best settings over, and a warning. Default: the first ``count``
@@ -613,37 +420,174 @@ def rerun_seeds(requested: list[int] | None, trial_seeds: set[int], *,
         "not use give a fair estimate")
 
 
-def rerun(ablation: Ablation, study: str, requested: list[int] | None,
-          trial_seeds: set[int], job: tuning.StudyJob) -> bool:
-    """The best settings (``ablation``'s arms) over fresh seeds as a study of their own,
-    reported like an ablation; True if a run failed."""
+def rerun(done: list[StudyResult], study: str, requested: list[int] | None,
+          ablation: Ablation | None = None) -> bool:
+    """The best settings of ``done`` over fresh seeds as a study of their own (its arms: the
+    ``ablation``'s, tuned), reported like an ablation; True if a run failed."""
     from studies import summary
-    from studies.grid import Grid, run_here
     from studies.report import report_study
 
-    seeds, warning = rerun_seeds(requested, trial_seeds)
+    seeds, warning = rerun_seeds(requested, {r.job.grid.seeds[0] for r in done})
     if warning:
         print(f"[{study}] warning: {warning}", file=sys.stderr, flush=True)
-    many = len(ablation.arms) > 1
+    arms = tuple(Arm(r.job.arm.name, r.best_spec, r.job.arm.group,
+                     keep=tuple(r.job.search.space.keys)) for r in done)
+    job = done[0].job
+    tuned = Ablation(ablation.name, arms, ablation.reference, ablation.scientific) if ablation \
+        else Ablation(job.study_name, arms, arms[0].name, "none (best settings over seeds)")
     doc = (f"Best settings per arm from the Optuna studies {study.removesuffix('-rerun')}-<arm>, "
-           f"rerun over seeds {seeds}." if many else "")
-    grid = Grid(study, ablation, tuple(seeds), job.profile, epochs=job.base.train.epochs,
+           f"rerun over seeds {seeds}." if ablation else "")
+    grid = Grid(study, tuned, tuple(seeds), job.grid.profile, epochs=job.base.train.epochs,
                 doc=doc)
     ran = run_here(grid, device=job.device)
-    report = report_study(study, parent_run_id=ran.parent_run_id)
-    if many:
-        print()
-        print(report.markdown)
-        print(f"rerun report: {report.out_dir}/ (MLflow experiment {study}, parent run "
-              f"{ran.parent_run_id})")
-    elif report.summary is not None and len(report.summary):
-        row = report.summary.iloc[0]
+    rerun_report = report_study(study, parent_run_id=ran.parent_run_id)
+    if ablation:
+        print(f"\n{rerun_report.markdown}\nrerun report: {rerun_report.out_dir}/ (MLflow "
+              f"experiment {study}, parent run {ran.parent_run_id})")
+    elif rerun_report.summary is not None and len(rerun_report.summary):
+        row = rerun_report.summary.iloc[0]
         sd = "" if math.isnan(row["final_sd"]) else f" ± {row['final_sd']:.2f}"
         print(f"[{job.study_name}] best settings over seeds {seeds}: final {tuning.OBJECTIVE} "
               f"{row['final_mean']:.2f}{sd} dB (mean ± sd; {summary.CONFIDENCE:.0%} CI "
               f"[{row['final_ci_low']:.2f}, {row['final_ci_high']:.2f}]); report "
-              f"{report.out_dir}/", flush=True)
+              f"{rerun_report.out_dir}/", flush=True)
     return bool(ran.failures)
+
+
+def best_per_arm_table(args: argparse.Namespace, name: str, ablation: Ablation,
+                       done: list[StudyResult]) -> None:
+    """``best_per_arm.md``: each arm's best trial, printed and saved."""
+    setup = (f"{args.n_trials} trials per arm, sampler {args.sampler} (seed {args.seed}), "
+             f"pruner {args.pruner}, profile {done[0].job.grid.profile}; scientific "
+             f"hyperparameter: {ablation.scientific}.")
+    lines = [f"# {name}: best settings per arm", "", setup, "",
+             "| arm | best final val/psnr (dB) | trial | settings | on the edge |",
+             "|---|---|---|---|---|"]
+    for r in done:
+        value = f"{r.best.value:.2f}" if r.best else "no complete trial"
+        params = tuning.format_params(r.best.params) if r.best else ""
+        trial = str(r.best.number) if r.best else ""
+        lines.append(f"| `{r.job.arm.name}` | {value} | {trial} | {params} | "
+                     f"{'; '.join(r.edges) or 'no'} |")
+    table = REPORTS / name / "best_per_arm.md"
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines[4:]) + f"\n(saved to {table})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def _check_args(args: argparse.Namespace) -> None:
+    for flag, value, low in (("--n-trials", args.n_trials, 1), ("--workers", args.workers, 1),
+                             ("--epochs", args.epochs, 1), ("--threads", args.threads, 1)):
+        if value is not None and value < low:
+            raise SpecError(f"{flag}={value} must be >= {low}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise SpecError(f"--timeout={args.timeout} must be > 0")
+    if args.worker and args.storage is None:
+        raise SpecError("--worker joins the coordinating command's study: give its --storage "
+                        "(postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB for several machines)")
+    if args.worker and args.workers > 1:
+        raise SpecError("--worker runs trials in this process; start more workers instead of "
+                        "--workers")
+    if args.per_arm and args.spec:
+        raise SpecError("--per-arm takes its specs from the ablation's arms; drop --spec")
+    if args.arm and not (args.per_arm and args.worker):
+        raise SpecError("--arm goes with --per-arm --worker (join one arm's study)")
+
+
+def make_jobs(args: argparse.Namespace, argv: list[str], *, profile: str, device: str,
+              storage: str) -> list[tuning.StudyJob]:
+    """One job per study the command runs: the spec's, or one per arm with ``--per-arm``.
+    ``argv``: this command line, which its ``--worker`` processes repeat."""
+    search = {"sampler": args.sampler, "pruner": args.pruner, "seed": args.seed,
+              "n_trials": args.n_trials, "timeout": args.timeout}
+    if args.per_arm:
+        ablation = get_ablation(args.per_arm)
+        arms = [a for a in ablation.arms if args.arm in (None, a.name)]
+        if not arms:
+            raise SpecError(f"--arm {args.arm!r} is not an arm of ablation {ablation.name!r}; "
+                            f"arms: {', '.join(a.name for a in ablation.arms)}")
+    else:
+        spec = resolve_spec(args.spec or "report_final")
+        arms = [Arm(spec.name, spec, spec.name, keep=tuple(explicit_keys(args.spec or "")))]
+    grids = [Grid("", Ablation(arm.name, (arm,), arm.name, ""), (arm.spec.seed,), profile,
+                  epochs=args.epochs, data=args.data) for arm in arms]
+    epochs = grids[0].epochs_each
+    name = args.study_name or f"{args.per_arm or grids[0].runs[0].spec.name}-{profile}-{epochs}ep"
+    table = tuning.load_spec(args.spec)[1] if args.spec else {}
+    worker_argv = [a for i, a in enumerate(argv) if a != "--workers"
+                   and not a.startswith("--workers=") and (i == 0 or argv[i - 1] != "--workers")]
+    return [tuning.StudyJob(
+        study_name=f"{name}-{grid.chosen[0].name}" if args.per_arm else name,
+        grid=replace(grid, study=f"tune-{name}"),
+        search=tuning.Search(tuning.search_space(grid.runs[0].spec, table), **search),
+        storage=storage, device=device,
+        argv=(*worker_argv, "--profile", profile, "--device", device,
+              *(("--arm", grid.chosen[0].name) if args.per_arm else ())))
+        for grid in grids]
+
+
+def _load_data(jobs: list[tuning.StudyJob], *, here: bool) -> dict[Any, Any]:
+    """Each job's data by its ``data`` field, read here first as the study commands do: bad
+    data fails before the storage, a study or a parent run exists. ``here`` False (worker
+    processes will train): only a dataset folder is read, to check it."""
+    from experiments.data import load_data
+
+    loaded: dict[Any, Any] = {}
+    for job in jobs:
+        spec = job.base
+        if spec.data not in loaded and (here or spec.data.source != "synthetic"):
+            loaded[spec.data] = load_data(spec.data, job.grid.profile)
+    return loaded
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    profile, device = resolve_profile_and_device(args)
+    storage = storages.storage_url(args.storage)
+    storages.check_url(storage)
+    jobs = make_jobs(args, argv, profile=profile, device=device, storage=storage)
+    data = _load_data(jobs, here=args.worker or args.workers <= 1)
+    storages.open_storage(storage)  # a bad URL fails here, before any work
+    tracking.configure()
+    if args.worker:
+        for job in jobs:
+            serve_study(job, data=data.get(job.base.data))
+        return 0
+    if args.workers > 1 and storage.startswith("sqlite"):
+        print("note: several workers on SQLite work but Optuna recommends a journal file "
+              "(--storage mlruns/optuna.journal) or PostgreSQL", file=sys.stderr)
+    started = time.monotonic()
+    done = [tune_study(job, workers=args.workers, data=data.get(job.base.data),
+                       root=closest_registered(job.arm.spec) if args.per_arm
+                       else tuning.registered_root(args.spec or "report_final"))
+            for job in jobs]
+    code = 1 if any(r.worker_failures or r.best is None for r in done) else 0
+    if args.per_arm:
+        name = jobs[0].grid.study.removeprefix("tune-")
+        best_per_arm_table(args, name, get_ablation(args.per_arm), done)
+        missing = [r.job.arm.name for r in done if r.best is None]
+        if missing:
+            print(f"no rerun: arm(s) {', '.join(missing)} have no complete trial",
+                  file=sys.stderr)
+        else:
+            code = max(code, int(rerun(done, f"{name}-rerun", args.rerun_seeds,
+                                       get_ablation(args.per_arm))))
+    elif done[0].best is not None and args.rerun_seeds:
+        code = max(code, int(rerun(done, f"{jobs[0].study_name}-rerun", args.rerun_seeds)))
+    print(f"wall time: {time.monotonic() - started:.0f} s; dashboard: optuna-dashboard "
+          f"{tracking.mask_secrets(storage)} --host 127.0.0.1 --port 8080", flush=True)
+    return code
 
 
 if __name__ == "__main__":

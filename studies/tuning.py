@@ -44,9 +44,10 @@ from optuna.trial import FrozenTrial, TrialState
 from cvae.train import Evaluation, Hooks, NonFiniteLossError
 from experiments import tracking
 from experiments.data import Data
-from experiments.registry import PROFILE_SETTINGS, SPECS, read_toml, resolve_spec
+from experiments.registry import PROFILE_SETTINGS, SPECS, Arm, read_toml, resolve_spec
 from experiments.runner import RunContext, run_experiment
 from experiments.spec import ExperimentSpec, SpecError, apply_overrides, flatten, spec_hash
+from studies.grid import Grid
 
 OBJECTIVE = "val/psnr"
 TARGET_NAME = "final val/psnr (dB)"
@@ -661,32 +662,44 @@ def write_plots(study: optuna.Study, out_dir: Path) -> tuple[list[Path], list[st
 # ---------------------------------------------------------------------------------------------
 # One study's job, shared by the command's process and its worker processes
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Search:
+    """How a study searches: its space, sampler (and the sampler's seed), pruner, budget."""
+
+    space: SearchSpace
+    sampler: str = "tpe"
+    pruner: str = "median"
+    seed: int = 0
+    n_trials: int = 20
+    timeout: float | None = None  # seconds after which a process starts no trial
+
+
 @dataclass
 class StudyJob:
-    """Everything a process needs to run trials of one study."""
+    """One tuning study: a one-arm ``Grid`` (the spec as it runs, its profile, its MLflow
+    experiment) plus its search; what every process taking its trials needs."""
 
-    study_name: str
-    base: ExperimentSpec  # profile-resolved
-    space: SearchSpace
+    study_name: str  # the Optuna study
+    grid: Grid
+    search: Search
     storage: str
-    sampler: str
-    pruner: str
-    seed: int
-    n_trials: int
-    profile: str
     device: str
-    experiment: str  # the MLflow experiment's name, also the runs' `study` tag
+    argv: tuple[str, ...] = ()  # the command line of a --worker that joins the study
     experiment_id: str = ""
     parent_run_id: str = ""
-    arm: str | None = None
-    group: str | None = None
-    timeout: float | None = None
-    argv: tuple[str, ...] = ()  # the command line of a --worker that joins the study
+
+    @property
+    def arm(self) -> Arm:
+        return self.grid.chosen[0]
+
+    @property
+    def base(self) -> ExperimentSpec:
+        """The spec every trial starts from (profile-resolved)."""
+        return self.grid.runs[0].spec
 
 
 def job_objective(job: StudyJob, data: Data | None, *, progress: bool | None) -> Objective:
-    context = RunContext(study=job.experiment, arm=job.arm, group=job.group,
-                         profile=job.profile, experiment_id=job.experiment_id or None,
-                         parent_run_id=job.parent_run_id or None)
-    return Objective(job.base, job.space, study_name=job.study_name, context=context,
+    context = job.grid.context(job.arm, experiment_id=job.experiment_id or None,
+                              parent_run_id=job.parent_run_id or None)
+    return Objective(job.base, job.search.space, study_name=job.study_name, context=context,
                      device=job.device, data=data, progress=progress)
