@@ -961,7 +961,9 @@ def coverage(rng: np.random.Generator, *, studies: int, seeds: int, interval: st
     else:
         raise ValueError(f"interval={interval!r}: choose mean, paired or welch shared seeds")
     covered = (low <= truth) & (truth <= high)
-    return Rate(f"coverage of the {confidence:.0%} {interval} interval, {seeds} seeds",
+    name = "Welch interval on arms sharing seeds" if interval == "welch shared seeds" else \
+        f"{interval} interval"
+    return Rate(f"coverage of the {confidence:.0%} {name}, {seeds} seeds",
                 float(covered.mean()), studies, confidence)
 
 
