@@ -194,3 +194,207 @@ def test_paired_without_spread_is_untestable():
     assert same.difference == 0.0 and summary.verdict(same) == "no difference at 2 seeds"
     shifted = summary.paired(pd.Series([21.0, 25.0]), pd.Series([20.0, 24.0]))
     assert summary.verdict(shifted) == "cannot test: no spread across 2 seeds"
+
+
+# ---------------------------------------------------------------------------------------------
+# Readouts: mean val PSNR over training, epochs to the floor + 1 dB, train-loss AUC
+# ---------------------------------------------------------------------------------------------
+def _run_rows(run, arm, seed, psnr, *, floor=None, losses=(), group=None):
+    """Tidy rows of one run: ``psnr`` maps evaluated epoch -> val PSNR."""
+    rows = [[run, "s", arm, group or arm, seed, epoch, "val/psnr", value]
+            for epoch, value in psnr.items()]
+    if floor is not None:
+        rows.append([run, "s", arm, group or arm, seed, 0, "val/psnr_copy_first", floor])
+    rows += [[run, "s", arm, group or arm, seed, epoch, "train/loss", value]
+             for epoch, value in enumerate(losses)]
+    return rows
+
+
+def test_per_run_readouts_by_hand():
+    rows = (_run_rows("uneven", "a", 0, {1: 10.0, 3: 14.0, 4: 12.0}, floor=12.5,
+                      losses=[5, 4, 3, 2, 1])
+            + _run_rows("once", "a", 1, {4: 11.0}, floor=12.5, losses=[2, 2, 2, 2, 1])
+            + _run_rows("no-floor", "a", 2, {0: 9.0, 1: 20.0}))
+    runs = summary.per_run(_tidy(rows)).set_index("run_id")
+    # Trapezoid over epochs 1-3-4: (2·(10+14)/2 + 1·(14+12)/2) / 3 = 37/3, not the plain
+    # mean 12 (the 2-epoch stretch weighs twice the 1-epoch one).
+    assert runs.loc["uneven", "auc"] == pytest.approx(37 / 3)
+    assert runs.loc["once", "auc"] == 11.0 and runs.loc["no-floor", "auc"] == 14.5
+    # Floor 12.5 + 1 dB = 13.5: first reached at epoch 3; never reached: last epoch + 1.
+    assert runs.loc["uneven", ["epochs_to_floor", "censored"]].tolist() == [3.0, False]
+    assert runs.loc["once", ["epochs_to_floor", "censored"]].tolist() == [5.0, True]
+    assert math.isnan(runs.loc["no-floor", "epochs_to_floor"])
+    assert not runs.loc["no-floor", "censored"]
+    assert runs.loc["uneven", "train_loss_auc"] == 3.0 and runs.loc["once", "train_loss_auc"] == 1.8
+    assert math.isnan(runs.loc["no-floor", "train_loss_auc"])
+    assert list(summary.per_run(_tidy([])).columns) == ["run_id", "arm", "group", "seed",
+                                                       *summary.RUN_COLUMNS]
+
+
+# ref and fast over seeds 0-2: (val PSNR at epochs 0-3, copy-first floor, train loss per epoch)
+CURVES = {
+    ("ref", 0): ([10.0, 12.0, 13.2, 14.0], 12.0, [4.0, 3.0, 2.5, 2.0]),
+    ("ref", 1): ([11.0, 12.5, 13.1, 14.6], 12.5, [4.2, 3.1, 2.6, 2.2]),
+    ("ref", 2): ([10.5, 11.0, 12.0, 12.4], 12.0, [4.1, 3.3, 2.7, 2.3]),  # never floor + 1
+    ("fast", 0): ([12.0, 13.5, 14.0, 14.2], 12.0, [3.0, 2.0, 1.6, 1.4]),
+    ("fast", 1): ([12.6, 13.6, 14.1, 14.5], 12.5, [3.3, 2.2, 1.8, 1.5]),
+    ("fast", 2): ([12.0, 13.1, 13.0, 12.9], 12.0, [3.1, 2.1, 1.7, 1.45]),
+}
+
+
+def _readout_metrics():
+    rows = []
+    for (arm, seed), (psnr, floor, losses) in CURVES.items():
+        rows += _run_rows(f"{arm}{seed}", arm, seed, dict(enumerate(psnr)), floor=floor,
+                          losses=losses)
+    return _tidy(rows)
+
+
+def test_readouts_summary_respects_each_direction():
+    table = summary.summarize_readouts(_readout_metrics(), reference="ref",
+                                       order=["ref", "fast"])
+    assert list(table.columns) == ["arm", *summary.READOUT_COLUMNS]
+    assert list(table["readout"].unique()) == list(summary.READOUT_NAMES)
+    rows = table.set_index(["readout", "arm"])
+    # Train loss: lower is better, and fast is lower at every seed.
+    loss = {arm: [np.mean(CURVES[arm, s][2]) for s in range(3)] for arm in ("ref", "fast")}
+    expected = stats.ttest_rel(loss["fast"], loss["ref"])
+    ci = expected.confidence_interval(0.95)
+    fast = rows.loc["train_loss_auc", "fast"]
+    assert fast["mean"] == pytest.approx(np.mean(loss["fast"]))
+    assert fast["sd"] == pytest.approx(np.std(loss["fast"], ddof=1))
+    assert (fast["paired_ci_low"], fast["paired_ci_high"]) == pytest.approx((ci.low, ci.high))
+    assert fast["paired_p_value"] == pytest.approx(expected.pvalue)
+    assert ci.high < 0 and (fast["better_when"], fast["verdict"]) == ("lower", "better")
+    assert math.isnan(fast["seeds_needed"]) and fast["seeds_used"] == 3
+    # Epochs to floor + 1 dB: fast 1, 1, 1 against ref 2, 3, censored 4: d = -1, -2, -3.
+    epochs = rows.loc["epochs_to_floor"]
+    assert epochs.loc["ref", "mean"] == 3.0 and epochs.loc["ref", "censored"] == 1
+    assert epochs.loc["fast", "censored"] == 0 and epochs.loc["fast", "paired_diff"] == -2.0
+    assert epochs.loc["fast", "verdict"] == "no detectable difference at 3 seeds"
+    assert epochs.loc["fast", "seeds_needed"] == summary.seeds_needed(-2.0, 1.0)
+    # The mean val PSNR over training is higher for fast: better.
+    assert rows.loc[("auc", "fast"), "paired_diff"] > 0
+    assert rows.loc[("auc", "fast"), "verdict"] == "better"
+    # Against fast as the reference, ref's lower-is-better readouts read "worse".
+    flipped = summary.summarize_readouts(_readout_metrics(), reference="fast") \
+        .set_index(["readout", "arm"])
+    assert flipped.loc[("train_loss_auc", "ref"), "verdict"] == "worse"
+    assert flipped.loc[("auc", "ref"), "verdict"] == "worse"
+    assert flipped.loc[("train_loss_auc", "fast"), "verdict"] == "reference"
+    # final is the same number as summarize's
+    wide = summary.summarize(_readout_metrics(), reference="ref")
+    assert rows.loc[("final", "fast"), "paired_ci_low"] == wide.loc["fast", "paired_ci_low"]
+
+
+def test_readouts_leave_out_what_no_run_has():
+    rows = _run_rows("r0", "ref", 0, {0: 10.0, 1: 12.0}) + _run_rows("r1", "ref", 1, {0: 11.0})
+    table = summary.summarize_readouts(_tidy(rows), reference="ref")
+    assert list(table["readout"]) == ["final", "best", "auc"]  # no floor, no train loss
+
+
+def test_readouts_markdown_says_direction_and_censoring():
+    table = summary.summarize_readouts(_readout_metrics(), reference="ref",
+                                       order=["ref", "fast"])
+    text = summary.readouts_to_markdown(table, reference="ref")
+    assert text.count("| `fast` |") == len(summary.READOUTS)
+    assert "**Epochs to the copy-first floor + 1 dB** (epoch; lower is better)" in text
+    assert "**Mean val PSNR over training** (dB; higher is better)" in text
+    assert "| 3.0 ± 1.0 (censored: 1 of 3 runs never reached it) |" in text
+    needed = int(summary.seeds_needed(-2.0, 1.0))
+    assert f"| no detectable difference at 3 seeds; {needed} seeds for 80% power |" in text
+    assert "| `fast` | 3 (0 1 2) | 2.0958 ± 0.1003 |" in text  # loss prints 4 digits
+    assert "| -2.0 | [-4.5, 0.5] |" in text  # epochs: one decimal, Δ paired by seed
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequential verdicts in the summary, and the terminal form
+# ---------------------------------------------------------------------------------------------
+REFERENCE_FINALS = [20.0, 24.0, 22.0, 26.0, 21.0, 23.0]
+DIFFERENCES = {
+    "tfr_decay+kl_monotonic": [1.0, 1.01, 0.99, 1.0, 1.02, 0.98],  # decided at 4 seeds
+    "borderline": [0.5, 0.1, 0.9, -0.1, 0.6, 0.3],  # fixed p 0.048 at 6 seeds
+    "a_really_long_arm_name_for_the_terminal_columns": [0.3, -0.2, 0.1, 0.4, -0.3, 0.2],
+}
+
+
+def _final_metrics(differences=DIFFERENCES):
+    rows = []
+    for seed, value in enumerate(REFERENCE_FINALS):
+        rows += _run_rows(f"ref{seed}", "kl_cyclical", seed, {0: value}, floor=9.0)
+        for arm, d in differences.items():
+            rows += _run_rows(f"{arm}{seed}", arm, seed, {0: value + d[seed]}, floor=9.0)
+    return _tidy(rows)
+
+
+def test_summary_with_sequential_boundaries():
+    boundaries = summary.sequential_boundaries([2, 4, 6], 6)
+    order = ["kl_cyclical", *DIFFERENCES]
+    table = summary.summarize(_final_metrics(), reference="kl_cyclical", order=order,
+                              boundaries=boundaries)
+    fixed = summary.summarize(_final_metrics(), reference="kl_cyclical", order=order)
+    decided = table.loc["tfr_decay+kl_monotonic"]
+    assert (decided["verdict"], decided["seeds_used"]) == ("better", 4)
+    assert decided["verdict_basis"] == summary.SEQUENTIAL_BASIS
+    assert math.isnan(decided["seeds_needed"])
+    # At 6 seeds the fixed test calls "borderline" better (p 0.048); the sequential test's
+    # last look (level 0.0336, part of alpha spent on earlier looks) does not.
+    assert fixed.loc["borderline", "verdict"] == "better"
+    assert 0.0336 < table.loc["borderline", "paired_p_value"] < 0.05
+    assert table.loc["borderline", ["verdict", "seeds_used"]].tolist() == \
+        ["no detectable difference at 6 seeds", 6]
+    d = DIFFERENCES["borderline"]
+    assert table.loc["borderline", "seeds_needed"] == summary.seeds_needed(
+        np.mean(d), np.std(d, ddof=1), alpha=0.05)
+    assert table.loc["kl_cyclical", "verdict"] == "reference"
+    text = summary.to_markdown(table, reference="kl_cyclical")
+    assert "| better (decided at 4 seeds) |" in text
+
+
+def test_fixed_summary_reports_seeds_used_and_needed():
+    table = summary.summarize(_final_metrics(), reference="kl_cyclical")
+    row = table.loc["a_really_long_arm_name_for_the_terminal_columns"]
+    d = DIFFERENCES["a_really_long_arm_name_for_the_terminal_columns"]
+    assert row["verdict"] == "no detectable difference at 6 seeds" and row["seeds_used"] == 6
+    assert row["seeds_needed"] == summary.seeds_needed(np.mean(d), np.std(d, ddof=1))
+    assert f"; {int(row['seeds_needed'])} seeds for 80% power |" in \
+        summary.to_markdown(table, reference="kl_cyclical")
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_terminal_summary_fits_100_columns(sequential):
+    boundaries = summary.sequential_boundaries([2, 4, 6], 6) if sequential else None
+    order = ["kl_cyclical", *DIFFERENCES]
+    table = summary.summarize(_final_metrics(), reference="kl_cyclical", order=order,
+                              boundaries=boundaries)
+    text = summary.to_terminal(table, reference="kl_cyclical")
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 100, text
+    print("\n" + text)
+    assert any(line.startswith("tfr_decay+kl_monotonic  ") for line in lines)
+    # A name too long for its column is cut; summary.md has it whole.
+    assert "a_really_long_arm_name_fo…" in text and "terminal_columns" not in text
+    row = table.loc["tfr_decay+kl_monotonic"]
+    assert f"{row['final_mean']:.2f} ± {row['final_sd']:.2f}" in text
+    assert f"+1.00 [{row['paired_ci_low']:.2f}, {row['paired_ci_high']:.2f}]" in text
+    words = " ".join(text.split())
+    verdict = "better (decided at 4 seeds)" if sequential else "better"
+    assert f"+1.00 [0.99, 1.01] {verdict} " in words
+    needed = int(table.loc["a_really_long_arm_name_for_the_terminal_columns", "seeds_needed"])
+    assert f"no detectable difference at 6 seeds; {needed} seeds for 80% power" in words
+    assert any(line.startswith("kl_cyclical ") and line.endswith("  reference")
+               for line in lines)
+
+
+def test_terminal_summary_narrower_and_with_welch():
+    rows = []
+    for seed, value in enumerate(REFERENCE_FINALS[:3]):
+        rows += _run_rows(f"ref{seed}", "ref", seed, {0: value}, floor=9.0)
+    for seed, value in [(2, 30.0), (7, 31.0), (8, 29.0)]:  # shares one seed with ref
+        rows += _run_rows(f"few{seed}", "few", seed, {0: value}, floor=9.0)
+    table = summary.summarize(_tidy(rows), reference="ref", by="group")
+    text = summary.to_terminal(table, reference="ref", width=72)
+    assert max(len(line) for line in text.splitlines()) <= 72, text
+    assert any(line.startswith("group ") and line.endswith("verdict")
+               for line in text.splitlines())
+    assert "better (Welch)" in text
