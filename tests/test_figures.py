@@ -163,12 +163,15 @@ def _dance(frames: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_the_prediction_gif_is_labelled_and_small(tmp_path):
     truth, labels = _dance(630)  # the validation rollout's length at every profile but smoke
+    # Blurred and slightly noisy (sd 1 level), as a cpu-profile model's prediction: this
+    # proxy's GIF is 0.91 MB, two real runs' were 0.81 and 0.87 MB.
     blurred = (truth.float() + truth.roll(1, 0).float() + truth.roll(2, 0).float()) / 3
-    path = artifacts.write_prediction_gif(truth, blurred.round().to(torch.uint8), labels,
-                                          tmp_path / "prediction.gif")
+    noise = torch.randn(blurred.shape, generator=torch.Generator().manual_seed(0))
+    prediction = (blurred + noise).clamp(0, 255).round().to(torch.uint8)
+    path = artifacts.write_prediction_gif(truth, prediction, labels, tmp_path / "prediction.gif")
     assert path.stat().st_size < 1_000_000
     gif = Image.open(path)
-    assert gif.n_frames == 158  # every 4th frame
+    assert gif.n_frames == 105  # every 6th frame
     assert gif.info["comment"] == b"ground truth | prediction | pose"
     first = np.asarray(gif.convert("RGB")).astype(int)  # (16 + 3*32, 3 * 3*64, 3)
     assert first.shape == (artifacts.GIF_LABEL_HEIGHT + 96, 576, 3)
@@ -177,7 +180,8 @@ def test_the_prediction_gif_is_labelled_and_small(tmp_path):
         assert (panel.sum(axis=2) < 200).sum() > 20
     assert (row.sum(axis=2) > 700).mean() > 0.8  # on white
     below = first[artifacts.GIF_LABEL_HEIGHT:, :192]  # the ground truth, 3x upscaled
-    assert np.abs(below[::3, ::3] - truth[0].permute(1, 2, 0).numpy()).max() <= 24
+    error = np.abs(below[::3, ::3] - truth[0].permute(1, 2, 0).numpy())  # palette's rounding
+    assert error.mean() < 4, error.mean()
 
 
 def _objective(trial: optuna.Trial) -> float:
