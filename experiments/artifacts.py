@@ -33,30 +33,28 @@ def write_psnr_csv(psnr: torch.Tensor, floor: torch.Tensor, path: Path) -> Path:
 def psnr_axis_limits(model_low: Any, model_high: Any, floor: Any, *,
                      pad: float = 0.08) -> tuple[float, float]:
     """y limits (dB) for PSNR per frame: the model curves' full range (``model_low`` to
-    ``model_high``: e.g. mean ∓ sd) and the copy-first floor's bulk (its 10th to 90th
-    percentile), with ``pad`` of the span either side. The floor spikes over the first
-    frames (the frame copied is still close to the truth there), tens of dB above the rest:
-    fitted to it, the models' curves would collapse into one line."""
+    ``model_high``: e.g. mean ∓ sd) and the copy-first floor from the frame where it has
+    fallen to its median on, with ``pad`` of the span either side. Over the first frames
+    the floor spikes (the copied frame is still close to the truth there), tens of dB above
+    the rest: fitted to the spike, the models' curves would collapse into one line."""
     low, high = float(np.nanmin(model_low)), float(np.nanmax(model_high))
     floor = np.asarray(floor, dtype=float)
     if floor.size:
-        low = min(low, float(np.nanpercentile(floor, 10)))
-        high = max(high, float(np.nanpercentile(floor, 90)))
+        settled = floor[int(np.argmax(floor <= np.nanmedian(floor))):]
+        low, high = min(low, float(settled.min())), max(high, float(settled.max()))
     margin = pad * (high - low) or 0.5
     return low - margin, high + margin
 
 
 def floor_label(floor: Any, frames: Any, limits: tuple[float, float]) -> str:
-    """'copy first frame (mean 19.39 dB)', and on a second line where it leaves the axis:
-    'up to 41.6 dB at frame 2, off the axis'."""
+    """'copy first frame (mean 19.39 dB)', and on a second line where its spike leaves the
+    axis: 'up to 41.6 dB at frame 2, off the axis'."""
     floor, frames = np.asarray(floor, dtype=float), np.asarray(frames)
-    lines = [f"copy first frame (mean {floor.mean():.2f} dB)"]
-    top, bottom = int(np.argmax(floor)), int(np.argmin(floor))
+    label = f"copy first frame (mean {floor.mean():.2f} dB)"
+    top = int(np.argmax(floor))
     if floor[top] > limits[1]:
-        lines.append(f"up to {floor[top]:.1f} dB at frame {frames[top]}, off the axis")
-    if floor[bottom] < limits[0]:
-        lines.append(f"down to {floor[bottom]:.1f} dB at frame {frames[bottom]}, off the axis")
-    return "\n".join(lines)
+        label += f"\nup to {floor[top]:.1f} dB at frame {frames[top]}, off the axis"
+    return label
 
 
 def psnr_figure(psnr: torch.Tensor, floor: torch.Tensor, *, title: str) -> Any:

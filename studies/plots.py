@@ -195,9 +195,9 @@ def epoch_curve(metrics: pd.DataFrame, *, path: str | Path, **options: Any) -> P
 def draw_psnr_per_frame(per_frame: pd.DataFrame, *, title: str, subtitle: str = "",
                         hue: str = "arm", hue_order: Sequence[str] | None = None) -> Any:
     """Validation PSNR per frame of each ``hue`` (mean ± 1 sd across its runs) and the
-    copy-first-frame floor (dashed grey). The y axis fits the models' curves and the floor's
-    bulk; the floor's spike over the first frames (copying frame 1 is nearly exact there)
-    leaves the axis, and its legend entry says so."""
+    copy-first-frame floor (dashed grey). The y axis fits the models' curves and the floor
+    but for its spike over the first frames (copying frame 1 is nearly exact there), which
+    leaves the axis; its legend entry says so (``experiments.artifacts.psnr_axis_limits``)."""
     plt, sns = _pyplot()
     model = per_frame[per_frame["metric"] == "val/psnr_per_frame"]
     floor = per_frame[per_frame["metric"] == "val/psnr_copy_first_per_frame"]
