@@ -138,13 +138,14 @@ def _legend(fig, ax, title: str) -> None:
 
 
 def draw_epoch_curve(metrics: pd.DataFrame, *, metric: str, title: str, ylabel: str,
-                     subtitle: str = "", hue: str = "arm",
+                     subtitle: str = "", note: str = "", hue: str = "arm",
                      hue_order: Sequence[str] | None = None, col: str | None = None,
                      col_order: Sequence[str] | None = None, log_y: bool = False,
                      floor: float | None = None, floor_label: str = "copy first frame",
                      ylim: tuple[float, float] | None = None) -> Any:
     """The figure of ``metric`` per epoch, one line per ``hue`` value: the mean over its runs
-    with a band (see the module docstring; the subtitle gets a line saying which); optional
+    with a band (see the module docstring; under ``subtitle`` a line says which, after
+    ``note``, e.g. how the metric is sampled); optional
     small multiples by ``col`` and a dashed horizontal ``floor``. Each line also gets its own
     marker and dashes, so curves that coincide (e.g. identical β schedules) stay visible.
     ``log_y`` takes effect only when the values span at least a decade."""
@@ -183,7 +184,7 @@ def draw_epoch_curve(metrics: pd.DataFrame, *, metric: str, title: str, ylabel: 
         if ax is not axes[0][-1] and ax.get_legend() is not None:
             ax.get_legend().remove()
     _legend(fig, axes[0][-1], hue)
-    _titles(fig, title, subtitle, band_line)
+    _titles(fig, title, subtitle, f"{note}; {band_line}" if note else band_line)
     return fig
 
 

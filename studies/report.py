@@ -55,12 +55,13 @@ class Report:
     markdown: str = ""
 
 
-def _subtitle(results: StudyResults, note: str = "") -> str:
-    """'study S · profile P · 2 seeds (0, 1)', and ``note`` on a line of its own."""
+def _subtitle(results: StudyResults) -> str:
+    """'study S · profile P · 2 seeds (0, 1)': each figure adds a line saying what its band
+    is."""
     meta = results.meta
     parts = [f"study {meta.study}", f"profile {meta.profile or '?'}",
              plots.describe_seeds(meta.seeds)]
-    return " · ".join(parts) + (f"\n{note}" if note else "")
+    return " · ".join(parts)
 
 
 def summary_markdown(results: StudyResults, table: pd.DataFrame,
@@ -116,7 +117,7 @@ def write_figures(results: StudyResults, out_dir: Path, *, client: Any) -> list[
         "beta.png": ("train/beta", dict(
             hue="arm", hue_order=meta.arms, **grouped,
             title="KL weight β per epoch (report Fig. 1)", ylabel="β (KL weight)",
-            subtitle=_subtitle(results, "β at each epoch's last batch"))),
+            subtitle=_subtitle(results), note="β at each epoch's last batch")),
         "teacher_forcing.png": ("train/tfr", dict(
             **by_hue, title="Teacher-forcing ratio per epoch (report Fig. 2)",
             ylabel="teacher-forcing ratio (probability)", ylim=(-0.04, 1.04),
