@@ -55,11 +55,13 @@ class Report:
     markdown: str = ""
 
 
-def _subtitle(results: StudyResults, band: str) -> str:
+def _subtitle(results: StudyResults) -> str:
+    """'study S · profile P · 2 seeds (0, 1)': each figure adds a line saying what its band
+    is."""
     meta = results.meta
     parts = [f"study {meta.study}", f"profile {meta.profile or '?'}",
              plots.describe_seeds(meta.seeds)]
-    return " · ".join(parts) + (f"\n{band}" if band else "")
+    return " · ".join(parts)
 
 
 def summary_markdown(results: StudyResults, table: pd.DataFrame,
@@ -102,54 +104,53 @@ def table_group_of(results: StudyResults, arm: str) -> str:
 
 
 def write_figures(results: StudyResults, out_dir: Path, *, client: Any) -> list[Path]:
-    """Every standard figure of the study into ``out_dir``."""
+    """Every standard figure of the study into ``out_dir``. A metric with one value for every
+    run and epoch (the KL study's teacher-forcing ratio: 0) gets no figure: a line on stdout
+    says so, and an earlier drawing of it is removed."""
     meta, metrics = results.meta, results.metrics
     hue = "group" if meta.grouped else "arm"
     hue_order = meta.groups if meta.grouped else meta.arms
-    band = plots.band_phrase(metrics, hue)
-    arm_band = plots.band_phrase(metrics, "arm")
+    by_hue = {"hue": hue, "hue_order": hue_order}
     grouped = {"col": "group", "col_order": meta.groups} if meta.grouped else {}
+    floor = metrics.loc[metrics["metric"] == "val/psnr_copy_first", "value"]
+    figures = {  # file: metric and drawing options
+        "beta.png": ("train/beta", dict(
+            hue="arm", hue_order=meta.arms, **grouped,
+            title="KL weight β per epoch (report Fig. 1)", ylabel="β (KL weight)",
+            subtitle=_subtitle(results), note="β at each epoch's last batch")),
+        "teacher_forcing.png": ("train/tfr", dict(
+            **by_hue, title="Teacher-forcing ratio per epoch (report Fig. 2)",
+            ylabel="teacher-forcing ratio (probability)", ylim=(-0.04, 1.04),
+            subtitle=_subtitle(results))),
+        "train_loss.png": ("train/loss", dict(
+            **by_hue, log_y=True, title="Training loss per epoch (report Table 1 / Fig. 3)",
+            ylabel=r"train loss per clip: $\sum_t$ (MSE + β·KL)",
+            subtitle=_subtitle(results))),
+        "val_loss.png": ("val/loss", dict(
+            **by_hue, log_y=True, title="Validation loss per epoch (report Table 1 / Fig. 3)",
+            ylabel="val loss: per-frame MSE, pixels in [0, 1]", subtitle=_subtitle(results))),
+        "val_psnr.png": ("val/psnr", dict(
+            **by_hue, floor=float(floor.mean()) if len(floor) else None,
+            title="Validation PSNR per epoch (closed-loop generation, z from the prior)",
+            ylabel="val PSNR (dB), mean over frames", subtitle=_subtitle(results))),
+    }
     files = []
     available = set(metrics["metric"])
-    if "train/beta" in available:
-        files.append(plots.epoch_curve(
-            metrics, metric="train/beta", path=out_dir / "beta.png", hue="arm",
-            hue_order=meta.arms, **grouped, title="KL weight β per epoch (report Fig. 1)",
-            ylabel="β (KL weight)",
-            subtitle=_subtitle(results, f"β at each epoch's last batch; {arm_band}")))
-    if "train/tfr" in available:
-        files.append(plots.epoch_curve(
-            metrics, metric="train/tfr", path=out_dir / "teacher_forcing.png", hue=hue,
-            hue_order=hue_order, title="Teacher-forcing ratio per epoch (report Fig. 2)",
-            ylabel="teacher-forcing ratio (probability)", ylim=(-0.04, 1.04),
-            subtitle=_subtitle(results, band)))
-    if "train/loss" in available:
-        files.append(plots.epoch_curve(
-            metrics, metric="train/loss", path=out_dir / "train_loss.png", hue=hue,
-            hue_order=hue_order, log_y=True,
-            title="Training loss per epoch (report Table 1 / Fig. 3)",
-            ylabel=r"train loss per clip: $\sum_t$ (MSE + β·KL)",
-            subtitle=_subtitle(results, band)))
-    if "val/loss" in available:
-        files.append(plots.epoch_curve(
-            metrics, metric="val/loss", path=out_dir / "val_loss.png", hue=hue,
-            hue_order=hue_order, log_y=True,
-            title="Validation loss per epoch (report Table 1 / Fig. 3)",
-            ylabel="val loss: per-frame MSE, pixels in [0, 1]",
-            subtitle=_subtitle(results, band)))
-    if "val/psnr" in available:
-        floor = metrics.loc[metrics["metric"] == "val/psnr_copy_first", "value"]
-        files.append(plots.epoch_curve(
-            metrics, metric="val/psnr", path=out_dir / "val_psnr.png", hue=hue,
-            hue_order=hue_order, floor=float(floor.mean()) if len(floor) else None,
-            title="Validation PSNR per epoch (closed-loop generation, z from the prior)",
-            ylabel="val PSNR (dB), mean over frames", subtitle=_subtitle(results, band)))
+    for name, (metric, options) in figures.items():
+        if metric not in available:
+            continue
+        flat = plots.flat_note(metrics, metric)
+        if flat is not None:
+            (out_dir / name).unlink(missing_ok=True)
+            print(f"{meta.study}: no {name}: {flat}", flush=True)
+            continue
+        files.append(plots.epoch_curve(metrics, metric=metric, path=out_dir / name, **options))
     if not results.per_frame.empty:
         files.append(plots.psnr_per_frame(
             results.per_frame, path=out_dir / "psnr_per_frame.png", hue="arm",
             hue_order=meta.arms,
             title="Validation PSNR per frame of the final models (report Fig. 4)",
-            subtitle=_subtitle(results, plots.band_phrase(results.per_frame, "arm"))))
+            subtitle=_subtitle(results)))
     strip = _filmstrip(results, out_dir, client=client)
     if strip is not None:
         files.append(strip)

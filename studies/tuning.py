@@ -566,15 +566,18 @@ def edge_report(space: SearchSpace, params: dict[str, Any]) -> list[str]:
 
 
 def _save(axes: Any, path: Path, title: str, *, integer_x: bool = False,
-          integer_params: Sequence[str] = ()) -> Path:
-    """Title, readable ticks (integer trial/epoch axes; log axes without crowded minor
-    labels), then a PNG at 120 dpi."""
+          integer_params: Sequence[str] = (), floor: float | None = None) -> Path:
+    """``title`` as the figure's one title (Optuna's own axes titles removed), readable ticks
+    (integer trial/epoch axes; log axes without crowded minor labels), ``floor`` (dB) drawn
+    on each of ``axes`` (pass it where their y axis is val/psnr), then a PNG at 120 dpi."""
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib import ticker
 
     flat = list(np.ravel(axes)) if isinstance(axes, np.ndarray) else [axes]
     for ax in flat:
+        for loc in ("left", "center", "right"):  # importances: Optuna's title is on the left
+            ax.set_title("", loc=loc)
         if integer_x or ax.get_xlabel() in integer_params:
             ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         if ax.get_xscale() == "log":
@@ -591,10 +594,30 @@ def _save(axes: Any, path: Path, title: str, *, integer_x: bool = False,
     width, height = fig.get_size_inches()
     if width < 8:
         fig.set_size_inches(8, height)
+    if floor is not None:
+        _draw_floor(flat, floor)
     fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _draw_floor(axes: list[Any], floor: float) -> None:
+    """The copy-first-frame floor as a dashed line on each of ``axes``, named in a legend
+    off the data: beside a single axes (with its existing entries), below a row of them
+    (the slice plot: under their tick labels)."""
+    label = f"copy first frame ({floor:.2f} dB)"
+    for ax in axes:
+        line = ax.axhline(floor, color="0.35", ls=(0, (4, 2)), lw=1.2, label=label)
+    if len(axes) == 1:
+        axes[0].legend(bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0.0)
+        return
+    fig = axes[0].figure
+    fig.canvas.draw()  # lays out the tick labels, so that their extent is known
+    to_figure = fig.transFigure.inverted()
+    bottom = min(ax.get_tightbbox().transformed(to_figure).y0 for ax in axes)
+    fig.legend(handles=[line], loc="upper center", bbox_to_anchor=(0.5, bottom),
+               frameon=False)
 
 
 # Optuna draws importances from 2 complete trials, but its forest (fANOVA) fitted to so few
@@ -602,9 +625,12 @@ def _save(axes: Any, path: Path, title: str, *, integer_x: bool = False,
 MIN_TRIALS_FOR_IMPORTANCE = 5
 
 
-def write_plots(study: optuna.Study, out_dir: Path) -> tuple[list[Path], list[str]]:
+def write_plots(study: optuna.Study, out_dir: Path, *,
+                floor: float | None = None) -> tuple[list[Path], list[str]]:
     """Optimization history, intermediate values (the pruned curves), parameter importances
-    and slice plots as PNGs (``optuna.visualization.matplotlib``); notes for those skipped."""
+    and slice plots as PNGs (``optuna.visualization.matplotlib``); notes for those skipped.
+    ``floor`` (dB: the copy-first-frame PSNR, ``val/psnr_copy_first``) is drawn on every
+    plot whose y axis is val/psnr."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -626,17 +652,18 @@ def write_plots(study: optuna.Study, out_dir: Path) -> tuple[list[Path], list[st
         ax.set_ylabel(TARGET_NAME)
         written.append(_save(ax, out_dir / "optimization_history.png",
                              f"{name}: {OBJECTIVE} per trial (maximized) - {summary}",
-                             integer_x=True))
+                             integer_x=True, floor=floor))
         if any(t.intermediate_values for t in study.trials):
             ax = ovm.plot_intermediate_values(study)
             ax.set_xlabel("epoch")
             ax.set_ylabel(f"{OBJECTIVE} (dB) at each evaluation")
             written.append(_save(ax, out_dir / "intermediate_values.png",
                                  f"{name}: {OBJECTIVE} reported per epoch (pruned trials stop "
-                                 "early)", integer_x=True))
+                                 "early)", integer_x=True, floor=floor))
         if len(complete) >= MIN_TRIALS_FOR_IMPORTANCE:
             try:
                 ax = ovm.plot_param_importances(study, target_name=TARGET_NAME)
+                ax.get_legend().remove()  # one series, named in the title; it hid the bars
                 written.append(_save(ax, out_dir / "param_importances.png",
                                      f"{name}: hyperparameter importance for {OBJECTIVE} "
                                      f"({len(complete)} complete trials)"))
@@ -655,7 +682,8 @@ def write_plots(study: optuna.Study, out_dir: Path) -> tuple[list[Path], list[st
                 points.set_linewidth(0.6)
         written.append(_save(axes, out_dir / "slice.png",
                              f"{name}: {OBJECTIVE} against each searched parameter "
-                             "(colour: trial number)", integer_params=integer_params))
+                             "(colour: trial number)", integer_params=integer_params,
+                             floor=floor))
     return written, notes
 
 

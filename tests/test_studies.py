@@ -23,6 +23,7 @@ FIGURES = ["beta.png", "teacher_forcing.png", "train_loss.png", "val_loss.png", 
 TABLES = ["metrics.csv", "metrics.parquet", "psnr_per_frame.csv", "psnr_per_frame.parquet",
           "summary.csv", "summary.md"]
 SMOKE_VAL_FRAMES = 48
+KL_FLAT = ("teacher_forcing.png",)  # the KL arms train without teacher forcing: 0 throughout
 
 
 def _experiment_runs(client: MlflowClient, name: str) -> list:
@@ -35,9 +36,15 @@ def _split(runs):
     return parents, [r for r in runs if r.data.tags.get("study_parent") != "1"]
 
 
-def _check_report(out, summary_arms: list[str], client: MlflowClient, children) -> pd.DataFrame:
+def _check_report(out, summary_arms: list[str], client: MlflowClient, children, *,
+                  flat: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The report's files; the figures in ``flat`` (a metric with one value in every run and
+    epoch) are left out."""
     for name in FIGURES + TABLES:
-        assert (out / name).stat().st_size > 0, name
+        if name in flat:
+            assert not (out / name).exists(), name
+        else:
+            assert (out / name).stat().st_size > 0, name
     summary = pd.read_csv(out / "summary.csv", index_col=0)
     assert list(summary.index) == summary_arms
     # The summary agrees with MLflow: mean of each arm's runs' last val/psnr.
@@ -104,12 +111,12 @@ def test_kl_study_runs_reports_reuses_resumes_and_redraws(tracking_store, tmp_pa
             run.data.metrics["val/psnr"], abs=1e-4)
 
     out = tmp_path / "mlruns" / "reports" / "kl_ablation"
-    summary = _check_report(out, arms, client, children)
+    summary = _check_report(out, arms, client, children, flat=KL_FLAT)
     assert summary.loc["kl_cyclical", "verdict"] == "reference"
     csv = pd.read_csv(out / "metrics.csv")
     assert len(csv) == len(metrics) and len(pd.read_parquet(out / "metrics.parquet")) == len(csv)
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert {f"report/{name}" for name in FIGURES + TABLES} <= logged
+    assert {f"report/{name}" for name in FIGURES + TABLES if name not in KL_FLAT} <= logged
 
     # Rerun after "interrupting" one run: the others are reused, that one resumes into the
     # same run id, and no run is added.
@@ -134,7 +141,9 @@ def test_kl_study_runs_reports_reuses_resumes_and_redraws(tracking_store, tmp_pa
     redraw = run_cli("studies.report", "--study", "kl_ablation", cwd=tmp_path)
     assert redraw.returncode == 0, redraw.stderr[-3000:]
     assert "| `kl_constant` |" in redraw.stdout
-    redrawn = _check_report(out, arms, client, children)
+    assert "kl_ablation: no teacher_forcing.png: train/tfr is 0 for every run at every epoch" \
+        in redraw.stdout
+    redrawn = _check_report(out, arms, client, children, flat=KL_FLAT)
     pd.testing.assert_frame_equal(redrawn, summary)
 
 
@@ -165,7 +174,9 @@ def test_two_arm_studies_in_process(module, arms, tracking_store, tmp_path):
     client = MlflowClient()
     parents, children = _split(_experiment_runs(client, name))
     assert len(parents) == 1 and sorted(r.data.tags["arm"] for r in children) == sorted(arms)
-    summary = _check_report(tmp_path / "mlruns" / "reports" / name, arms, client, children)
+    # One epoch: β is one value, the same for both arms (and teacher forcing is off).
+    summary = _check_report(tmp_path / "mlruns" / "reports" / name, arms, client, children,
+                            flat=("beta.png", "teacher_forcing.png"))
     assert summary.loc[arms[1], "verdict"] == "not enough seeds"
 
     # A configuration holds its runs by spec hash: a later parent listing the same arms (say,
@@ -192,7 +203,10 @@ def test_tfr_report_groups_pools_kl_arms_per_group(tracking_store, tmp_path, cap
     assert {r.data.tags["arm"]: r.data.tags["group"] for r in children} == {
         a: a.split("+")[0] for a in arms}
     out = tmp_path / "mlruns" / "reports" / "tfr_report_groups"
-    _check_report(out, arms, client, children)
+    # One epoch: the cyclical arms end it at β = 1, as the constant ones do.
+    _check_report(out, arms, client, children, flat=("beta.png",))
+    assert "tfr_report_groups: no beta.png: train/beta is 1 for every run at every epoch" \
+        in capsys.readouterr().out
     groups = pd.read_csv(out / "summary_groups.csv", index_col=0)
     assert list(groups.index) == ["tfr_decay", "tfr_off"] and list(groups["runs"]) == [2, 2]
     assert list(groups["n"]) == [1, 1]  # one seed: the two KL arms' runs are not replicates
