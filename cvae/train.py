@@ -447,7 +447,9 @@ def evaluate(
 
 
 def copy_first_floor(frames: torch.Tensor) -> torch.Tensor:
-    """PSNR per frame of repeating frame 1 for frames 2..L: the floor any model must beat."""
+    """PSNR per frame of repeating frame 1 for frames 2..L: the floor any model must beat.
+    A frame equal to frame 1 (the dancer holds still) scores the 100 dB cap, not +inf
+    (``cvae.metrics.PSNR_CAP_DB``)."""
     truth = to_unit(frames)
     return psnr_per_frame(truth[0:1].expand_as(truth[1:]), truth[1:]).cpu()
 
