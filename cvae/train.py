@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from cvae.data.lab import check_batch_size
 from cvae.graphs import StepGraphs, graphable
 from cvae.losses import kl_gaussians, kl_standard_normal, reconstruction_mse
 from cvae.metrics import psnr_per_frame
@@ -610,8 +611,10 @@ def fit(
     and at the end. Logs per epoch: train/{loss,mse,kl,beta,tfr,lr} and val/{loss,psnr}.
 
     clips, clip_labels: (N, T, 3, H, W) uint8 (on the device already, or moved per batch);
-    val_frames, val_labels: (L, 3, H, W) uint8.
+    val_frames, val_labels: (L, 3, H, W) uint8. A batch size above the number of clips is
+    a ``DatasetError`` (``cvae.data.check_batch_size``), raised before any training.
     """
+    check_batch_size(clips.shape[0], config.batch_size)
     hooks = hooks or Hooks()
     while state.epoch < config.epochs and not should_stop():
         metrics = train_epoch(state, clips, clip_labels, config, hooks)
