@@ -82,7 +82,7 @@ from cvae.train import (
     step_graphs,
     train_epoch,
 )
-from experiments.cli import int_at_least, writable_folder
+from experiments.cli import Parser, int_at_least, writable_folder
 from experiments.spec import SpecError
 
 
@@ -848,8 +848,7 @@ def _convs_list(text: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput",
-                                     description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m benchmarks.throughput", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile", choices=tuple(PROFILES), default="cpu")

@@ -42,6 +42,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn import functional as F
 
+from cvae.data.lab import check_batch_size
 from cvae.graphs import StepGraphs
 from cvae.model import VideoCVAE
 from cvae.schedules import kl_beta
@@ -532,6 +533,7 @@ def fit_packed(
     epoch, as ``fit`` leaves it) while the others train on; at the end
     ``PackedNonFiniteLossError`` names every failed member (indices into the original list).
     """
+    check_batch_size(clips.shape[0], trainer.configs[0].batch_size)
     hooks = list(hooks) if hooks is not None else [Hooks() for _ in trainer.states]
     if len(hooks) != trainer.size:
         raise ValueError(f"{len(hooks)} hooks for {trainer.size} members")

@@ -9,7 +9,8 @@ holds 630 frames per sequence (frame 0 is the given first frame), one frame per 
 with ``id`` the running row index over all sequences (0..3149). The course template forgets the
 clip, so out-of-range outputs of an unbounded generator wrap or cost score; we clip.
 Scoring (``score_submission``) is the course's: per-frame PSNR on the integers with
-data_range 255 over frames 1..600 of every sequence, averaged (``cvae.metrics.course_score``).
+data_range 255 over frames 1..600 of every sequence, averaged (``cvae.metrics.course_score``),
+with the project's 100 dB cap for an exact frame (the course's formula gives it +inf).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from cvae.data.lab import check_batch_size
 from cvae.graphs import StepGraphs, graphable
 from cvae.losses import kl_gaussians, kl_standard_normal, reconstruction_mse
 from cvae.metrics import psnr_per_frame
@@ -447,7 +448,9 @@ def evaluate(
 
 
 def copy_first_floor(frames: torch.Tensor) -> torch.Tensor:
-    """PSNR per frame of repeating frame 1 for frames 2..L: the floor any model must beat."""
+    """PSNR per frame of repeating frame 1 for frames 2..L: the floor any model must beat.
+    A frame equal to frame 1 (the dancer holds still) scores the 100 dB cap, not +inf
+    (``cvae.metrics.PSNR_CAP_DB``)."""
     truth = to_unit(frames)
     return psnr_per_frame(truth[0:1].expand_as(truth[1:]), truth[1:]).cpu()
 
@@ -608,8 +611,10 @@ def fit(
     and at the end. Logs per epoch: train/{loss,mse,kl,beta,tfr,lr} and val/{loss,psnr}.
 
     clips, clip_labels: (N, T, 3, H, W) uint8 (on the device already, or moved per batch);
-    val_frames, val_labels: (L, 3, H, W) uint8.
+    val_frames, val_labels: (L, 3, H, W) uint8. A batch size above the number of clips is
+    a ``DatasetError`` (``cvae.data.check_batch_size``), raised before any training.
     """
+    check_batch_size(clips.shape[0], config.batch_size)
     hooks = hooks or Hooks()
     while state.epoch < config.epochs and not should_stop():
         metrics = train_epoch(state, clips, clip_labels, config, hooks)

@@ -12,15 +12,15 @@ import argparse
 import sys
 from dataclasses import replace
 
-from experiments.cli import add_common, guarded, resolve_profile_and_device, seed_arg
+from experiments.cli import Parser, add_common, guarded, resolve_profile_and_device, seed_arg
 from experiments.registry import ABLATIONS, PROFILES, SPECS, list_specs, resolve
 from experiments.runner import RunContext, run_experiment
 from experiments.spec import SpecError, parse_set, spec_hash, to_json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m experiments", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{list,show,run}")
 
     p_list = sub.add_parser("list", help="registered specs and ablations")

@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 from cvae.data import DatasetError
 from experiments import tracking
@@ -18,17 +19,23 @@ from experiments.spec import SpecError
 USER_ERRORS = (SpecError, DatasetError, tracking.TrackingError)
 
 
-class Parser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line (exit 2) with secrets masked: a
-    typo must not echo a database URL's password back to the terminal."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {tracking.mask_secrets(message)}\n")
-
-
 def fail(message: str) -> int:
     print(f"error: {tracking.mask_secrets(message)}", file=sys.stderr)
     return 2
+
+
+class Parser(argparse.ArgumentParser):
+    """The command lines' parser. Flags are never abbreviated: with abbreviations ``--seed 0
+    1`` was silently read as ``--seeds``. Errors mask passwords: a mistyped flag before a
+    storage URL (``--storge postgresql://u:pw@h/db``) is echoed back by argparse. Sub-command
+    parsers (``add_subparsers``) are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {tracking.mask_secrets(message)}\n")
 
 
 def int_at_least(low: int, rule: str | None = None) -> Callable[[str], int]:

@@ -34,12 +34,19 @@ def dataset_root(spec: DataSpec, profile: str) -> Path:
 
 
 def load_data(spec: DataSpec, profile: str) -> Data:
+    """Training clips and the validation sequence, checked before any run exists: at least
+    one clip of ``data.clip_len`` (after ``data.partial``) and at least 2 validation frames
+    (frame 1 is given, the others are predicted); else a one-line ``DatasetError``."""
     root = dataset_root(spec, profile)
     frames, labels = load_split(root, "train", height=spec.height, width=spec.width,
                                 partial=spec.partial)
+    if frames.shape[0] < spec.clip_len:
+        kept = f" (data.partial={spec.partial} keeps them)" if spec.partial < 1 else ""
+        raise DatasetError(f"{root}/train has {frames.shape[0]} frames{kept}: fewer than one "
+                           f"clip of data.clip_len={spec.clip_len}")
     clips, clip_labels = make_clips(frames, labels, clip_len=spec.clip_len)
-    if clips.shape[0] == 0:
-        raise DatasetError(f"{root}/train has {frames.shape[0]} frames: fewer than one clip of "
-                           f"{spec.clip_len} (data.partial={spec.partial})")
     val_frames, val_labels = load_split(root, "val", height=spec.height, width=spec.width)
+    if val_frames.shape[0] < 2:
+        raise DatasetError(f"{root}/val has {val_frames.shape[0]} frame: validation needs at "
+                           "least 2 (frame 1 is given, the others are predicted)")
     return Data(clips, clip_labels, val_frames, val_labels, root)

@@ -179,7 +179,18 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise SpecError(f"{path}: not valid TOML ({err})") from None
 
 
-def load_toml_spec(path: str | Path) -> ExperimentSpec:
+def _followed(path: str | Path, chain: tuple[Path, ...]) -> tuple[Path, ...]:
+    """``chain`` (the spec files already followed through ``base``) plus ``path``; a file
+    that is already in it is a cycle (a file whose base is itself included): one line."""
+    here = Path(path).resolve()
+    if here in chain:
+        loop = " -> ".join(str(p) for p in (*chain[chain.index(here):], here))
+        raise SpecError(f"{path}: `base` goes round in a cycle: {loop}")
+    return (*chain, here)
+
+
+def load_toml_spec(path: str | Path, *, _chain: tuple[Path, ...] = ()) -> ExperimentSpec:
+    chain = _followed(path, _chain)
     path = Path(path)
     data = read_toml(path)
     base = data.pop("base", None)
@@ -188,7 +199,9 @@ def load_toml_spec(path: str | Path) -> ExperimentSpec:
                         f"{', '.join(SPECS)}")
     name = str(data.pop("name", path.stem))
     data.pop("search", None)  # the tuning search space, read by studies.tuning
-    base_spec = resolve_spec(str(base))
+    base = str(base)
+    base_spec = load_toml_spec(base, _chain=chain) if base.endswith(".toml") else \
+        resolve_spec(base)
     overrides = _flatten_toml(data)
     try:
         return apply_overrides(replace(base_spec, name=name), overrides)
@@ -196,16 +209,17 @@ def load_toml_spec(path: str | Path) -> ExperimentSpec:
         raise SpecError(f"{path}: {err}") from None
 
 
-def explicit_keys(name_or_path: str) -> frozenset[str]:
+def explicit_keys(name_or_path: str, *, _chain: tuple[Path, ...] = ()) -> frozenset[str]:
     """The keys a ``.toml`` spec (and the ``.toml`` specs it builds on) sets itself: a
     profile's defaults (its learning rate) do not replace them. Registered names set none."""
     if not name_or_path.endswith(".toml"):
         return frozenset()
+    chain = _followed(name_or_path, _chain)
     data = read_toml(name_or_path)
     base = str(data.pop("base", ""))
     for key in ("name", "search"):
         data.pop(key, None)
-    return frozenset(_flatten_toml(data)) | explicit_keys(base)
+    return frozenset(_flatten_toml(data)) | explicit_keys(base, _chain=chain)
 
 
 def resolve_spec(name_or_path: str) -> ExperimentSpec:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -126,6 +127,9 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
+    """Validation every ``every`` epochs and always at the last one (``every`` above the
+    epochs: once, at the end)."""
+
     latent: Literal["prior_sample", "prior_mean"] = "prior_sample"
     samples: int = 1
     every: int = 1
@@ -151,6 +155,31 @@ class ExperimentSpec:
     eval: EvalSpec = field(default_factory=EvalSpec)
     seed: int = 0
     description: str = ""
+
+    def __post_init__(self) -> None:
+        # Registered specs are built in Python, not through ``_coerce``: a NaN written there
+        # passes comparisons such as ``weight_decay < 0`` and would reach the optimizer.
+        for key, value in _numbers(self):
+            _finite(value, key)
+
+
+def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float in a (nested) spec dataclass, as (``section.key``, value)."""
+    out: list[tuple[str, float]] = []
+    for f in fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += _numbers(value, f"{key}.")
+        elif isinstance(value, float):
+            out.append((key, value))
+        elif isinstance(value, tuple):
+            out += [(key, v) for v in value if isinstance(v, float)]
+    return out
+
+
+def _finite(value: float, key: str) -> None:
+    if not math.isfinite(value):
+        raise SpecError(f"{key}={value} must be a finite number")
 
 
 SECTIONS: dict[str, type] = {
@@ -294,9 +323,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise SpecError(f"{key}={value!r} is not a number")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise SpecError(f"{key}={value!r} is not a number") from None
+        _finite(number, key)  # before the section's own checks: nan passes `nan < 0`
+        return number
     if tp is str:
         return str(value)
     raise SpecError(f"{key}: unsupported type {tp}")

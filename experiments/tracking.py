@@ -11,22 +11,37 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 MLRUNS = Path("mlruns")
 TAG_KEYS = ("study", "arm", "group", "seed", "spec_hash", "profile", "device", "git_commit")
-_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<secret>[^@\s]*)@")
+# user:password@host in a URL. The password may hold '@', ':' or '/' (people paste them
+# unescaped): it runs to the first '@' that is followed by a host, i.e. by text without '@'
+# up to the path, the query, the end of the URL or the end of the text.
+_URL_PASSWORD = re.compile(
+    r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s'\"]*:)(?P<secret>[^\s'\"]*?)"
+    r"(?=@[^@/?#\s'\"]+(?:[/?#\s'\"]|$))")
+# password=... in a query string (?password=, &pwd=) or in environment text (PGPASSWORD=,
+# MLFLOW_TRACKING_PASSWORD=): the value runs to the next '&', blank or quote.
+_KEY_PASSWORD = re.compile(
+    r"(?i)(?P<head>(?:\b|_)(?:\w*password|\w*passwd|pass|pwd)=)(?P<secret>[^&\s'\"]+)")
 
 
 class TrackingError(RuntimeError):
     """The tracking store (or another storage) cannot be reached or written."""
 
 
-def mask_secrets(text: str) -> str:
-    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db`` anywhere in text."""
-    return _PASSWORD.sub(lambda m: f"{m.group('head')}***@", str(text))
+def mask_secrets(text: object) -> str:
+    """Passwords replaced by ``***`` anywhere in ``text``: ``postgresql://user:***@host/db``
+    (a password holding '@' or ':' included), ``?password=***`` / ``&pass=***`` / ``pwd=***``
+    query parameters, and ``PGPASSWORD=***``-style environment text. The one masking function
+    for every message, tag, parameter and log line."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m.group('head')}***", str(text))
+    return _KEY_PASSWORD.sub(lambda m: f"{m.group('head')}***", text)
 
 
 def tracking_uri() -> str:
@@ -38,23 +53,35 @@ def artifact_root() -> str:
 
 
 def configure() -> str:
-    """Point mlflow at the tracking store; create the local folder for the SQLite default."""
+    """Point mlflow at the tracking store. A local store's folder (and the artifact folder
+    next to it) is created, and proved writable, before any run exists: a read-only folder
+    or a path through a file is a one-line ``TrackingError`` in milliseconds."""
     import mlflow
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise TrackingError(f"cannot create {path.parent}: {err.strerror}") from None
-        if not os.access(path.parent, os.W_OK):
-            raise TrackingError(f"tracking folder {path.parent} is not writable")
+        writable_folder(path.parent, what=f"tracking store {mask_secrets(uri)}")
+        writable_folder(MLRUNS / "artifacts", what="artifact folder")
         _create_sqlite_store(uri, path)
     if uri.startswith(("http://", "https://")):
         probe_server(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def writable_folder(folder: Path, *, what: str) -> None:
+    """Create ``folder`` if missing and write a file in it, else a one-line TrackingError.
+    A real write, not ``os.access``: root passes any permission check, yet a read-only
+    file system still refuses it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        blocker = next((p for p in (folder, *folder.parents) if p.is_file()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else \
+            f"{folder} is not writable ({err.strerror or err})"
+        raise TrackingError(f"{what}: {reason}") from None
 
 
 def _create_sqlite_store(uri: str, path: Path) -> None:
@@ -150,11 +177,32 @@ def git_commit() -> str:
         return "unknown"
 
 
+def quote_filter_value(value: object) -> str:
+    """``value`` as a string literal of an MLflow search filter.
+
+    MLflow's parser takes the text between the quotes as it is, with no escapes (``'bob\\'s'``
+    searches for a backslash), so the value goes in the quotes it does not contain:
+    ``bob's`` -> ``"bob's"``. A value holding both kinds cannot be written: TrackingError.
+    """
+    text = str(value)
+    for quote in ("'", '"'):
+        if quote not in text:
+            return f"{quote}{text}{quote}"
+    raise TrackingError(f"{text!r} holds both ' and \": MLflow's search cannot match it; "
+                    "choose a name without one of them")
+
+
+def filter_string(clauses: Mapping[str, object]) -> str:
+    """``{"tags.study": "bob's", "tags.seed": 0}`` -> ``tags.study = "bob's" and tags.seed =
+    '0'``: the one way a filter is built from values (names, hashes, seeds)."""
+    return " and ".join(f"{key} = {quote_filter_value(value)}" for key, value in clauses.items())
+
+
 def find_runs(experiment_id: str, *, spec_hash: str, seed: int) -> list[Any]:
     """Runs of this (spec_hash, seed) in the experiment, newest first."""
     from mlflow.tracking import MlflowClient
 
-    query = f"tags.spec_hash = '{spec_hash}' and tags.seed = '{seed}'"
+    query = filter_string({"tags.spec_hash": spec_hash, "tags.seed": seed})
     return MlflowClient().search_runs([experiment_id], filter_string=query,
                                       order_by=["attribute.start_time DESC"], max_results=50)
 

@@ -146,7 +146,7 @@ def open_study(grid: Grid, *, device: str) -> tuple[Any, StudyRun]:
     experiment_id = tracking.get_or_create_experiment(grid.study)
     hashes = ",".join(grid.spec_hashes)
     query = (f"tags.{results.PARENT_TAG} = '1' and "
-             f"tags.{results.TAG_CONFIG} = {results.quote(grid.key)}")
+             f"tags.{results.TAG_CONFIG} = {tracking.quote_filter_value(grid.key)}")
     found = results.search_all(client, [experiment_id], query)
     if found:
         run_id = max(found, key=lambda r: r.info.start_time or 0).info.run_id

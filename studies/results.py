@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from experiments import tracking
+
 # Tags the study orchestration (studies.grid) writes on a study's parent run.
 PARENT_TAG = "study_parent"
 TAG_ABLATION = "ablation"
@@ -91,8 +93,6 @@ def client_or_default(client: Any | None = None) -> Any:
         return client
     from mlflow.tracking import MlflowClient
 
-    from experiments import tracking
-
     tracking.configure()
     return MlflowClient()
 
@@ -131,16 +131,11 @@ def is_parent(run: Any) -> bool:
     return run.data.tags.get(PARENT_TAG) == "1"
 
 
-def quote(text: str) -> str:
-    """A value for an MLflow filter string: in single quotes, inner quotes escaped."""
-    return "'" + text.replace("'", "\\'") + "'"
-
-
 def find_parents(client: Any, study: str | None = None) -> list[Any]:
     """Study parent runs (of ``study``, or of every study), most recently used first."""
     query = f"tags.{PARENT_TAG} = '1'"
     if study is not None:
-        query += f" and tags.study = {quote(study)}"
+        query += f" and tags.study = {tracking.quote_filter_value(study)}"
     runs = search_all(client, experiment_ids(client, study), query)
     return sorted(runs, key=lambda r: r.info.end_time or r.info.start_time or 0, reverse=True)
 
@@ -174,14 +169,14 @@ def _newest_per_pair(client: Any, study: str, parent_run_id: str | None,
                      status: str) -> dict[tuple[str, int], Any]:
     """(spec_hash, seed) -> the newest run of ``study`` whose status matches ``status`` (an
     MLflow filter clause) among the configuration's runs (see ``study_children``)."""
-    query = f"tags.study = {quote(study)} and attributes.status {status}"
+    query = f"tags.study = {tracking.quote_filter_value(study)} and attributes.status {status}"
     hashes: set[str] | None = None
     if parent_run_id is not None:
         tag = client.get_run(parent_run_id).data.tags.get(TAG_SPEC_HASHES)
         if tag:
             hashes = set(_split(tag))
         else:
-            query += f" and tags.{PARENT_ID_TAG} = {quote(parent_run_id)}"
+            query += f" and tags.{PARENT_ID_TAG} = {tracking.quote_filter_value(parent_run_id)}"
     newest: dict[tuple[str, int], Any] = {}
     for run in search_all(client, experiment_ids(client, study), query):
         spec = run.data.tags.get("spec_hash", run.info.run_id)
@@ -335,7 +330,6 @@ def resolve_parent(client: Any, study: str, parent_run_id: str | None = None) ->
     if parent_run_id is not None:
         from mlflow.exceptions import MlflowException
 
-        from experiments import tracking
         from experiments.spec import SpecError
 
         try:

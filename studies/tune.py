@@ -201,7 +201,7 @@ def _run_objective(study: optuna.Study, trial: optuna.Trial,
 
 def _parent_query(job: tuning.StudyJob) -> str:
     return (f"tags.{results.PARENT_TAG} = '1' and "
-            f"tags.optuna_study = {results.quote(job.study_name)}")
+            f"tags.optuna_study = {tracking.quote_filter_value(job.study_name)}")
 
 
 def serve_study(job: tuning.StudyJob, *, data: Any) -> None:

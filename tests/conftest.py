@@ -15,6 +15,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The servers that scripts/servers.sh starts (CI: .ci/services), for tests marked postgres.
+PG = os.environ.get("CVAE_TEST_PG_URL")
+MLFLOW = os.environ.get("CVAE_TEST_MLFLOW_URL")
+NEEDS_SERVERS = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(not (PG and MLFLOW), reason=(
+        "CVAE_TEST_PG_URL / CVAE_TEST_MLFLOW_URL are unset: start the servers with "
+        "`eval \"$(bash scripts/servers.sh start --auth)\"` (CI does it in .ci/services)")),
+]
+
+
 @pytest.fixture(scope="session")
 def mlflow_template_db(tmp_path_factory) -> Path:
     from mlflow.tracking import MlflowClient

@@ -113,6 +113,20 @@ def _argv(*argv: str) -> Callable[[Path], list[str]]:
     return lambda tmp: list(argv)
 
 
+def _lab(**counts: int) -> Callable[[Path], list[str]]:
+    return lambda tmp: [*RUN, *SMOKE, "--data", str(lab_dataset(tmp / "lab", **counts))]
+
+
+def _toml_cycle(length: int) -> Callable[[Path], list[str]]:
+    """Spec files 0.toml -> 1.toml -> ... -> 0.toml through ``base`` (length 1: itself)."""
+    def make(tmp: Path) -> list[str]:
+        files = [tmp / f"{i}.toml" for i in range(length)]
+        for i, path in enumerate(files):
+            path.write_text(f'base = "{files[(i + 1) % length]}"\n[optim]\nlr = 1e-4\n')
+        return ["experiments", "run", str(files[0]), *SMOKE]
+    return make
+
+
 COORDINATE = ("coordinate", "--ablation", "kl", "--seeds", "0", *SMOKE)
 CASES = [
     # data (loaded before any run exists)
@@ -150,6 +164,42 @@ CASES = [
      ["mine.toml", "unknown key 'optim.lrr'"]),
     ("TOML syntax typo", _toml('base = "kl_cyclical"\n[optim\nlr = 1e-4\n'),
      ["mine.toml", "not valid TOML"]),
+    # values that make training impossible, anywhere in a spec (issue #20)
+    ("weight decay nan", _argv(*RUN, *SMOKE, "--set", "optim.weight_decay=nan"),
+     ["optim.weight_decay=nan must be a finite number"]),
+    ("lr inf", _argv(*RUN, *SMOKE, "--set", "optim.lr=inf"),
+     ["optim.lr=inf must be a finite number"]),
+    ("KL start nan", _argv(*RUN, *SMOKE, "--set", "kl.start=nan"),
+     ["kl.start=nan must be a finite number"]),
+    ("teacher forcing nan", _argv(*RUN, *SMOKE, "--set", "teacher_forcing.ratio=nan"),
+     ["teacher_forcing.ratio=nan must be a finite number"]),
+    ("TOML lr = inf", _toml('base = "kl_cyclical"\n[optim]\nlr = inf\n'),
+     ["mine.toml", "optim.lr=inf must be a finite number"]),
+    ("TOML base is the file itself", _toml_cycle(1), ["0.toml", "`base` goes round in a cycle"]),
+    ("TOML bases in a cycle", _toml_cycle(2),
+     ["`base` goes round in a cycle", "0.toml -> ", "1.toml -> ", "0.toml"]),
+    # data that cannot train (checked when it loads, before any run exists)
+    ("clip longer than the data", _argv(*RUN, *SMOKE, "--set", "data.clip_len=1000"),
+     ["train has 160 frames", "fewer than one clip of data.clip_len=1000"]),
+    ("fewer frames than one clip", _lab(train=8),
+     ["lab/train has 8 frames", "fewer than one clip of data.clip_len=16"]),
+    ("partial keeps less than a clip", _argv(*RUN, *SMOKE, "--set", "data.partial=0.05"),
+     ["train has 8 frames (data.partial=0.05 keeps them)", "data.clip_len=16"]),
+    ("partial keeps nothing", _argv(*RUN, *SMOKE, "--set", "data.partial=0.001"),
+     ["partial=0.001 keeps none of the 160 frames"]),
+    ("validation of one frame", _lab(val=1),
+     ["lab/val has 1 frame", "needs at least 2"]),
+    # argparse: a typo never echoes a password, and flags are never abbreviated
+    ("typo before a URL", _argv(*RUN, *SMOKE, "--storge",
+                                "postgresql+psycopg2://cvae:pw-x1@x@127.0.0.1/optuna"),
+     ["unrecognized arguments: --storge postgresql+psycopg2://cvae:***@127.0.0.1/optuna"]),
+    ("password in a URL's query", _argv(*RUN, *SMOKE, "--storge",
+                                        "postgresql://127.0.0.1/optuna?password=pw-x1"),
+     ["--storge postgresql://127.0.0.1/optuna?password=***"]),
+    ("--seed is not --seeds", _argv(*RUN, *SMOKE, "--seed", "0", "1"),
+     ["unrecognized arguments: --seed 0 1"]),
+    ("benchmark: --member is not --members", _argv("benchmarks.throughput", "--member", "2"),
+     ["unrecognized arguments: --member 2"]),
     # a study entry point
     ("study: unknown arm", _argv("studies.kl_ablation", "--arms", "kl_cosine", *SMOKE),
      ["kl_cosine", "kl_cyclical, kl_monotonic, kl_constant"]),
@@ -214,3 +264,34 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(store, tmp_path, make,
     runs = _all_runs(uri)
     assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
     assert _snapshot(uri) == before  # no new run; the seeded one as it was
+
+
+def test_a_batch_larger_than_the_training_clips_is_rejected(tracking_store, tmp_path):
+    """Decision: rejected, not clamped (every step would silently train on all the clips, a
+    run other than the one asked for). The smoke data has 160 // 16 = 10 clips."""
+    result = run_cli(*RUN, *SMOKE, "--set", "train.batch_size=11", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    expected = "error: batch size 11 is larger than the 10 training clips; choose at most 10"
+    assert errors == [expected], result.stderr
+    assert "Traceback" not in result.stderr
+    statuses = [r.info.status for r in _all_runs(tracking_store)]
+    assert "RUNNING" not in statuses and "FINISHED" not in statuses, statuses
+    assert run_cli(*RUN, *SMOKE, "--set", "train.batch_size=10", cwd=tmp_path).returncode == 0
+
+
+def test_eval_every_beyond_the_epochs_evaluates_at_the_last_epoch(tracking_store, tmp_path):
+    """Accepted: a run always evaluates at its last epoch. (At the ``full`` profile, which
+    leaves ``eval.every`` as set, on a tiny lab folder and smoke-sized widths.)"""
+    lab = lab_dataset(tmp_path / "lab", train=32, val=4)
+    tiny = [f"model.{k}={v}" for k, v in (("frame_dim", 8), ("label_dim", 4), ("latent_dim", 4),
+                                          ("decoder_dim", 8), ("encoder_width", 4))]
+    sets = [arg for key in ("eval.every=1000", *tiny) for arg in ("--set", key)]
+    result = run_cli(*RUN, "--profile", "full", "--epochs", "2", "--data", str(lab), *sets,
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run,) = _all_runs(tracking_store)
+    assert run.data.params["eval.every"] == "1000" and run.info.status == "FINISHED"
+    client = MlflowClient(tracking_uri=tracking_store)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr")] == [1]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0, 1]

@@ -13,6 +13,7 @@ from PIL import Image
 from cvae.data import (
     SIZES,
     DatasetError,
+    check_batch_size,
     ensure_synthetic,
     generate,
     lab,
@@ -184,6 +185,8 @@ def test_partial_keeps_leading_fraction(tmp_path: Path) -> None:
         load(tmp_path, partial=0.0)
     with pytest.raises(ValueError):
         load(tmp_path, partial=1.5)
+    with pytest.raises(DatasetError, match="partial=0.05 keeps none of the 10 frames"):
+        load(tmp_path, partial=0.05)
 
 
 def test_make_clips_are_consecutive_and_disjoint() -> None:
@@ -194,8 +197,15 @@ def test_make_clips_are_consecutive_and_disjoint() -> None:
     assert clips.dtype == torch.uint8
     assert clips[:, :, 0, 0, 0].flatten().tolist() == list(range(32))  # in order, no overlap
     assert torch.equal(clip_labels, clips + 100)
-    with pytest.raises(ValueError):
+    with pytest.raises(DatasetError, match="15 frames make no clip of 16"):
         make_clips(frames[:15], labels[:15], clip_len=16)
+
+
+def test_a_batch_larger_than_the_clips_is_rejected_not_clamped() -> None:
+    check_batch_size(10, 10)
+    with pytest.raises(DatasetError, match="^batch size 11 is larger than the 10 training "
+                                           "clips; choose at most 10$"):
+        check_batch_size(10, 11)
 
 
 def test_lab_clip_count() -> None:

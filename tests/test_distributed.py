@@ -20,17 +20,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import ROOT, cli_env, run_cli
+from conftest import MLFLOW, NEEDS_SERVERS, PG, ROOT, cli_env, run_cli
 
-PG = os.environ.get("CVAE_TEST_PG_URL")
-MLFLOW = os.environ.get("CVAE_TEST_MLFLOW_URL")
-
-pytestmark = [
-    pytest.mark.postgres,
-    pytest.mark.skipif(not (PG and MLFLOW), reason=(
-        "CVAE_TEST_PG_URL / CVAE_TEST_MLFLOW_URL are unset: start the servers with "
-        "`eval \"$(bash scripts/servers.sh start)\"` (CI does it in .ci/services)")),
-]
+pytestmark = NEEDS_SERVERS
 
 ARMS = ("kl_cyclical", "kl_monotonic", "kl_constant")
 

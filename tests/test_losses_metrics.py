@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from cvae.losses import kl_gaussians, kl_standard_normal, reconstruction_mse
-from cvae.metrics import course_score, mean_psnr, psnr_per_frame, to_uint8_frames
+from cvae.metrics import PSNR_CAP_DB, course_score, mean_psnr, psnr_per_frame, to_uint8_frames
+from cvae.train import copy_first_floor
+from experiments.artifacts import write_psnr_csv
 
 
 def _gaussian(seed: int, shape=(3, 4, 5, 6)):
@@ -93,9 +95,48 @@ def test_psnr_data_range_and_perfect_frame():
     prediction[0] += 0.5  # MSE 0.25 -> 10 log10(1 / 0.25)
     psnr = psnr_per_frame(prediction, target)
     assert psnr[0].item() == pytest.approx(10 * math.log10(4.0))
-    assert psnr[1].item() == math.inf
+    assert psnr[1].item() == pytest.approx(PSNR_CAP_DB)  # capped, not +inf
     scaled = psnr_per_frame(prediction * 255, target * 255, data_range=255.0)
     assert scaled[0].item() == pytest.approx(psnr[0].item())
+    assert scaled[1].item() == pytest.approx(PSNR_CAP_DB)  # the cap does not depend on range
+
+
+def test_psnr_cap_is_100_db_an_mse_floor_of_1e_minus_10():
+    target = torch.full((3, 3, 4, 4), 0.5, dtype=torch.float64)
+    offsets = torch.tensor([1e-6, 1e-5, 1e-3], dtype=torch.float64).view(3, 1, 1, 1)
+    psnr = psnr_per_frame(target + offsets, target)  # MSE 1e-12 (under the floor), 1e-10, 1e-6
+    assert psnr.tolist() == pytest.approx([100.0, 100.0, 60.0])
+    assert PSNR_CAP_DB == 100.0
+
+
+def test_copy_first_floor_of_a_sequence_with_a_still_frame_is_finite(tmp_path):
+    """Held-out real frames repeat frame 1 wherever the dancer holds still: that frame of
+    the floor is the 100 dB cap, and the mean over the sequence stays finite."""
+    g = torch.Generator().manual_seed(3)
+    frames = torch.randint(0, 256, (6, 3, 8, 8), generator=g, dtype=torch.uint8)
+    frames[3] = frames[0]  # frame 4 repeats frame 1 exactly
+    floor = copy_first_floor(frames)  # frames 2..6
+    assert floor.shape == (5,)
+    assert torch.isfinite(floor).all()
+    assert floor[2].item() == pytest.approx(PSNR_CAP_DB)
+    assert floor[[0, 1, 3, 4]].max().item() < 20.0  # the other frames are far from frame 1
+    assert math.isfinite(float(floor.mean()))
+    assert mean_psnr(frames[0:1].expand(5, -1, -1, -1).double() / 255,
+                     frames[1:].double() / 255) == pytest.approx(float(floor.mean()))
+    # The per-frame CSV artifact carries the same finite values.
+    csv = write_psnr_csv(floor, floor, tmp_path / "psnr_per_frame.csv")
+    rows = np.loadtxt(csv, delimiter=",", skiprows=1)
+    assert np.isfinite(rows).all() and rows[2, 1] == pytest.approx(PSNR_CAP_DB)
+
+
+def test_course_score_of_an_exact_frame_is_the_cap_not_infinity():
+    truth = torch.randint(0, 256, (4, 3, 2, 4), generator=torch.Generator().manual_seed(1),
+                          dtype=torch.uint8)
+    prediction = truth.clone()
+    prediction[1] = 255 - truth[1]  # frame 1 wrong, frames 2 and 3 exact
+    wrong = psnr_per_frame(prediction[1:2], truth[1:2], data_range=255.0).item()
+    score = course_score([prediction], [truth], frames=3)
+    assert score == pytest.approx((wrong + 2 * PSNR_CAP_DB) / 3)
 
 
 def test_to_uint8_frames_rounds_and_clips():

@@ -17,6 +17,7 @@ import torch
 
 import cvae.packed
 import cvae.train
+from cvae.data import DatasetError
 from cvae.model import VideoCVAE
 from cvae.packed import (
     PackedNonFiniteLossError,
@@ -252,6 +253,16 @@ def test_a_diverging_member_stops_alone(float64):
         fit(alone[k], clips, labels, val_frames, val_labels, configs[k])
         assert together[k].epoch == 2 and logged[k] == [0, 1]
         _assert_same_state(alone[k], together[k], rtol=1e-9, steps=10)
+
+
+def test_a_pack_whose_batch_exceeds_the_clips_stops_before_training():
+    clips, labels, val_frames, val_labels = _data(0)
+    members = [replace(m, config=replace(m.config, batch_size=CLIPS + 1)) for m in MEMBERS]
+    states, configs = _states(members)
+    with pytest.raises(DatasetError, match=f"batch size {CLIPS + 1} is larger than the "
+                                           f"{CLIPS} training clips"):
+        fit_packed(PackedTrainer(states, configs), clips, labels, val_frames, val_labels)
+    assert all(state.epoch == 0 for state in states)
 
 
 def test_packable_reports_what_differs():

@@ -16,6 +16,7 @@ from experiments.registry import (
     resolve_spec,
 )
 from experiments.spec import (
+    ConstantKL,
     CyclicalKL,
     SpecError,
     apply_overrides,
@@ -95,11 +96,61 @@ def test_json_round_trip_and_flatten():
     ("train.epochs", "ten", "is not an integer"),
     ("optim.lr", "fast", "is not a number"),
     ("optim.lrr", "1", "unknown key 'optim.lrr'; valid keys:"),
+    # non-finite numbers, anywhere (nan passes `weight_decay < 0`; inf passes `lr > 0`)
+    ("optim.lr", "inf", "optim.lr=inf must be a finite number"),
+    ("optim.weight_decay", "nan", "optim.weight_decay=nan must be a finite number"),
+    ("train.grad_clip", "nan", "train.grad_clip=nan must be a finite number"),
+    ("lr_schedule.gamma", "-inf", "lr_schedule.gamma=-inf must be a finite number"),
+    ("kl.start", "nan", "kl.start=nan must be a finite number"),
+    ("kl.stop", "inf", "kl.stop=inf must be a finite number"),
+    ("teacher_forcing.ratio", "nan", "teacher_forcing.ratio=nan must be a finite number"),
+    ("teacher_forcing.decay_step", "NaN", "teacher_forcing.decay_step=nan must be a finite"),
 ])
 def test_bad_overrides_fail_with_one_line(key, value, message):
     with pytest.raises(SpecError) as info:
         apply_overrides(SPECS["kl_cyclical"], {key: value})
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_specs_built_in_python_reject_non_finite_numbers():
+    """Registered specs are built with ``replace``, not through overrides: the spec itself
+    checks every number, nested KL and teacher-forcing variants included."""
+    nan, inf = float("nan"), float("inf")
+    spec = SPECS["kl_cyclical"]
+    with pytest.raises(SpecError, match=r"^optim.weight_decay=nan must be a finite number$"):
+        replace(spec, optim=replace(spec.optim, weight_decay=nan))
+    with pytest.raises(SpecError, match=r"^kl.value=inf must be a finite number$"):
+        replace(spec, kl=ConstantKL(value=inf))
+    with pytest.raises(SpecError, match=r"^kl.start=nan"):
+        replace(spec, kl=replace(spec.kl, start=nan, stop=1.0))
+
+
+def test_toml_number_must_be_finite(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('base = "kl_cyclical"\n[optim]\nlr = inf\n')
+    with pytest.raises(SpecError, match=r"mine.toml: optim.lr=inf must be a finite number"):
+        resolve_spec(str(path))
+
+
+def test_toml_base_cycles_are_one_line_errors(tmp_path):
+    itself = tmp_path / "itself.toml"
+    itself.write_text(f'base = "{itself}"\n')
+    first, second = tmp_path / "first.toml", tmp_path / "second.toml"
+    first.write_text(f'base = "{second}"\n[optim]\nlr = 1e-4\n')
+    second.write_text(f'base = "{first}"\n')
+    for path, loop in ((itself, [itself, itself]), (first, [first, second, first])):
+        for read in (resolve_spec, explicit_keys):  # both follow `base` (a RecursionError)
+            with pytest.raises(SpecError) as info:
+                read(str(path))
+            assert f"cycle: {' -> '.join(map(str, loop))}" in str(info.value)
+            assert "\n" not in str(info.value)
+    # A chain that only shares a base twice is not a cycle.
+    leaf = tmp_path / "leaf.toml"
+    leaf.write_text('base = "kl_cyclical"\n[kl]\ncycles = 3\n')
+    top = tmp_path / "top.toml"
+    top.write_text(f'base = "{leaf}"\n[optim]\nlr = 1e-4\n')
+    assert resolve_spec(str(top)).kl.cycles == 3
+    assert explicit_keys(str(top)) == {"optim.lr", "kl.cycles"}
 
 
 def test_kl_kind_switch_carries_shared_fields_and_rejects_foreign_ones():

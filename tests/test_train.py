@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cvae.checkpoints import load_training_checkpoint, save_training_checkpoint
+from cvae.data import DatasetError
 from cvae.metrics import psnr_per_frame
 from cvae.model import VideoCVAE
 from cvae.schedules import ConstantKL, CyclicalKL, TeacherForcing
@@ -226,6 +227,24 @@ def test_absurd_learning_rate_raises_non_finite_loss():
 
     sane = replace(config, lr=1e-3)
     run(build(0, sane), sane, data=data)  # the same run at a sane lr does not raise
+
+
+def test_a_batch_larger_than_the_clips_stops_before_any_training():
+    config = replace(CONFIG, batch_size=7)  # DATA has 6 clips
+    state = build(0, config)
+    before = copy.deepcopy(state.model.state_dict())
+    recorder = Recorder()
+    with pytest.raises(DatasetError, match="batch size 7 is larger than the 6 training clips"):
+        fit(state, *DATA, config, hooks=recorder)
+    assert recorder.logged == [] and state.epoch == 0
+    assert_same_tensors(state.model.state_dict(), before)
+
+
+def test_eval_every_beyond_the_epochs_evaluates_once_at_the_last_epoch():
+    config = replace(CONFIG, epochs=3, eval_every=1000)
+    logged = run(build(0, config), config)
+    assert [step for step, metrics in logged if "val/psnr" in metrics] == [2]
+    assert [step for step, _ in logged] == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------

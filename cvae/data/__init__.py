@@ -8,6 +8,7 @@ executes that module once, as __main__, instead of a second time after this pack
 from cvae.data.lab import (
     DatasetError,
     TestSequence,
+    check_batch_size,
     load_split,
     load_test,
     make_clips,
@@ -21,6 +22,7 @@ __all__ = [
     "DatasetError",
     "SyntheticSize",
     "TestSequence",
+    "check_batch_size",
     "ensure_synthetic",
     "generate",
     "load_split",

@@ -35,7 +35,8 @@ DECODE_THREADS = 4
 
 
 class DatasetError(ValueError):
-    """The data folder does not have the lab layout; the message is one line naming the path."""
+    """The data folder does not have the lab layout, or holds too little to train on; the
+    message is one line naming the path or the numbers."""
 
 
 def _one_line(text: object) -> str:
@@ -263,7 +264,8 @@ def load_split(root: str | os.PathLike, split: Literal["train", "val"], *, heigh
                            width=width, cache_dir=cache_dir)
     keep = int(len(names) * partial)
     if keep == 0:
-        raise ValueError(f"partial={partial} keeps none of the {len(names)} frames in {image_dir}")
+        raise DatasetError(f"partial={partial} keeps none of the {len(names)} frames in "
+                           f"{image_dir}")
     return payload["frames"][:keep], payload["labels"][:keep]  # (N, 3, H, W) uint8 each
 
 
@@ -278,10 +280,18 @@ def make_clips(frames: torch.Tensor, labels: torch.Tensor, *,
         raise ValueError(f"frames {tuple(frames.shape)} and labels {tuple(labels.shape)} differ")
     count = frames.shape[0] // clip_len
     if count == 0:
-        raise ValueError(f"{frames.shape[0]} frames make no clip of {clip_len}")
+        raise DatasetError(f"{frames.shape[0]} frames make no clip of {clip_len}")
     shape = (count, clip_len, *frames.shape[1:])
     keep = count * clip_len
     return frames[:keep].reshape(shape), labels[:keep].reshape(shape)
+
+
+def check_batch_size(clips: int, batch_size: int) -> None:
+    """A batch larger than the training set is rejected, not clamped: every step would
+    silently train on all ``clips`` at once, another run than the one asked for."""
+    if batch_size > clips:
+        raise DatasetError(f"batch size {batch_size} is larger than the {clips} training clips; "
+                           f"choose at most {clips}")
 
 
 @dataclass
