@@ -215,15 +215,14 @@ def lease_timing() -> LeaseTiming:
     return LeaseTiming(**values)
 
 
-def lease_is_live(tags: Mapping[str, str], timing: LeaseTiming, *,
-                  now: float | None = None) -> bool:
+def lease_is_live(tags: Mapping[str, str], timing: LeaseTiming) -> bool:
     """Whether these run tags hold a lease whose owner is alive: a heartbeat younger than the
     grace, from a process that still exists where we can tell (this host)."""
     try:
         beat = float(tags["lease_heartbeat"])
     except (KeyError, ValueError):
         return False
-    if (time.time() if now is None else now) - beat > timing.grace:
+    if time.time() - beat > timing.grace:
         return False
     host, _, pid = tags.get("lease_owner", "").rpartition(":")
     return not (host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)))
@@ -283,15 +282,18 @@ class Lease:
                 if not self.held(tags):  # read before writing: never beat for another owner
                     self.lost = lease_holder(tags)
                     return
+                if self._stopping.is_set():  # released meanwhile: no beat after it
+                    return
                 client.set_tag(self.run_id, "lease_heartbeat", f"{time.time():.3f}")
             except Exception:  # noqa: BLE001, S112  (the store is down: training meets it too)
                 continue
 
     def stop(self) -> None:
-        """Stop beating (the lease then expires after the grace unless released)."""
+        """Stop beating (the lease then expires after the grace unless released). Waits for
+        a beat in flight, but not for a store that does not answer (the thread is a daemon)."""
         self._stopping.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(timeout=self.timing.heartbeat)
 
     def release(self, client: Any) -> None:
         """Stop beating and remove the lease tags, if the run is still ours: a rerun takes
