@@ -103,5 +103,22 @@ def save_training_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathL
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: truncated, corrupt, or not a checkpoint."""
+
+
 def load_training_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """The dict ``save_training_checkpoint`` wrote. A file that does not unpickle as one
+    (truncated, corrupt, or carrying code that ``weights_only`` refuses) raises
+    ``CheckpointError`` with the reason in one line; I/O errors stay ``OSError``s."""
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001  (zip, pickle, EOF, ... errors: all "unreadable")
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{Path(path).name} is unreadable ({reason})") from None
+    if not isinstance(blob, dict):
+        raise CheckpointError(f"{Path(path).name} holds a {type(blob).__name__}, not a "
+                              "checkpoint dict")
+    return blob

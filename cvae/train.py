@@ -62,7 +62,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None, *, cache: bool = T
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; the run cannot continue."""
+    """Training produced a NaN or infinite loss; the run cannot continue. ``epoch``: the
+    epoch (0-based, as logged) whose loss it was, when known."""
+
+    def __init__(self, message: str, *, epoch: int | None = None):
+        super().__init__(message)
+        self.epoch = epoch
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -591,7 +596,8 @@ def train_epoch(state: FitState, clips: torch.Tensor, clip_labels: torch.Tensor,
         hooks.on_batch(epoch, index, len(batches))
     loss, mse, kl = (totals / len(batches)).tolist()  # one host sync per epoch
     if not all(math.isfinite(v) for v in (loss, mse, kl)):
-        raise NonFiniteLossError(f"non-finite training loss at epoch {epoch}: loss={loss}")
+        raise NonFiniteLossError(f"non-finite training loss at epoch {epoch}: loss={loss}",
+                                 epoch=epoch)
     return {"train/loss": loss, "train/mse": mse, "train/kl": kl, "train/beta": beta,
             "train/tfr": tf_ratio, "train/lr": lr}
 

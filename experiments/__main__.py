@@ -12,10 +12,12 @@ import argparse
 import sys
 from dataclasses import replace
 
+from cvae.train import NonFiniteLossError
 from experiments.cli import Parser, add_common, guarded, resolve_profile_and_device, seed_arg
 from experiments.registry import ABLATIONS, PROFILES, SPECS, list_specs, resolve
 from experiments.runner import RunContext, run_experiment
-from experiments.spec import SpecError, parse_set, spec_hash, to_json
+from experiments.spec import ExperimentSpec, SpecError, parse_set, spec_hash, to_json
+from experiments.tracking import RunBusyError, mask_secrets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,16 +73,39 @@ def main(argv: list[str] | None = None) -> int:
     profile, device = resolve_profile_and_device(args)
     base = resolve(args.spec, profile=profile, epochs=args.epochs, data=args.data,
                    overrides=parse_set(args.overrides))
-    failed = 0
-    for seed in args.seeds:
+    return run_seeds(base, args.seeds, context=RunContext(study=args.study, profile=profile),
+                     device=device)
+
+
+def run_seeds(base: ExperimentSpec, seeds: list[int], *, context: RunContext,
+              device: str) -> int:
+    """Each seed runs whatever the others did: one line per seed; exit code 2 if another
+    process trains one of them (refused), else 1 if one diverged (its run is FAILED), else 0."""
+    failed = refused = 0
+    for seed in seeds:
         spec = replace(base, seed=seed)
-        outcome = run_experiment(spec, context=RunContext(study=args.study, profile=profile),
-                                 device=device)
+        try:
+            outcome = run_experiment(spec, context=context, device=device)
+        except NonFiniteLossError as err:
+            epoch = "" if err.epoch is None else f" at epoch {err.epoch}"
+            print(f"run {spec.name} seed {seed} FAILED{epoch}: non-finite loss "
+                  f"(lr {short_number(spec.optim.lr)}); try a lower learning rate", flush=True)
+            failed += 1
+            continue
+        except RunBusyError as err:
+            print(f"error: {mask_secrets(str(err))}", file=sys.stderr, flush=True)
+            refused += 1
+            continue
         psnr = outcome.metrics.get("val/psnr", float("nan"))
         print(f"{spec.name} seed {seed}: run {outcome.run_id} {outcome.status} "
-              f"val/psnr {psnr:.2f} dB")
+              f"val/psnr {psnr:.2f} dB", flush=True)
         failed += outcome.status != "FINISHED"
-    return 1 if failed else 0
+    return 2 if refused else 1 if failed else 0
+
+
+def short_number(value: float) -> str:
+    """1e9 -> '1e9', 0.0003 -> '0.0003' (``g`` format without its exponent padding)."""
+    return f"{value:g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
 
 
 if __name__ == "__main__":

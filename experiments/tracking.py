@@ -4,16 +4,25 @@ Defaults (DESIGN.md): tracking ``sqlite:///mlruns/mlflow.db`` under the working 
 artifacts in ``mlruns/artifacts``; ``MLFLOW_TRACKING_URI`` overrides (a server included).
 Experiments are created once and runs started with ``experiment_id`` (concurrent
 ``set_experiment`` misfiles runs).
+
+A run being trained holds a lease (``Lease``): tags on the run naming its owner, refreshed by
+a heartbeat thread, that every other process reads before it starts or resumes the same
+(spec, seed); the claim protocol itself is the runner's.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +221,145 @@ def last_logged_step(run_id: str, key: str = "train/loss") -> int:
 
     history = MlflowClient().get_metric_history(run_id, key)
     return max((m.step for m in history), default=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Leases: one owner per run
+# ---------------------------------------------------------------------------------------------
+# The heartbeat first: a release cut short leaves a stale lease, never a live one.
+LEASE_TAGS = ("lease_heartbeat", "lease_owner", "lease_since", "lease_token")
+LEASE_HEARTBEAT_S = 10.0
+LEASE_GRACE_S = 60.0
+
+
+class RunBusyError(TrackingError):
+    """Another live process trains this run: this process leaves it alone."""
+
+
+@dataclass(frozen=True)
+class LeaseTiming:
+    """How often an owner beats and how old a beat may be before its owner is presumed dead.
+
+    The grace is well under the work queue's (``--grace 120`` s with ``--heartbeat 30`` s):
+    when a dead worker's trial is retried, the run's lease has expired too. ``settle``: how
+    long a claim waits for rival claims to land before it checks whether it won.
+    """
+
+    heartbeat: float = LEASE_HEARTBEAT_S
+    grace: float = LEASE_GRACE_S
+
+    @property
+    def settle(self) -> float:
+        return self.heartbeat / 20
+
+
+def lease_timing() -> LeaseTiming:
+    """From ``CVAE_LEASE_HEARTBEAT`` and ``CVAE_LEASE_GRACE`` (seconds), else the defaults."""
+    values = {}
+    for name, default in (("heartbeat", LEASE_HEARTBEAT_S), ("grace", LEASE_GRACE_S)):
+        text = os.environ.get(f"CVAE_LEASE_{name.upper()}", "")
+        try:
+            values[name] = float(text) if text else default
+        except ValueError:
+            values[name] = -1.0
+        if not 0 < values[name] < float("inf"):
+            raise TrackingError(f"CVAE_LEASE_{name.upper()}={text!r}: a positive number of "
+                                "seconds")
+    if values["grace"] <= values["heartbeat"]:
+        raise TrackingError(f"CVAE_LEASE_GRACE={values['grace']:g} must exceed "
+                            f"CVAE_LEASE_HEARTBEAT={values['heartbeat']:g}")
+    return LeaseTiming(**values)
+
+
+def lease_is_live(tags: Mapping[str, str], timing: LeaseTiming) -> bool:
+    """Whether these run tags hold a lease whose owner is alive: a heartbeat younger than the
+    grace, from a process that still exists where we can tell (this host)."""
+    try:
+        beat = float(tags["lease_heartbeat"])
+    except (KeyError, ValueError):
+        return False
+    if time.time() - beat > timing.grace:
+        return False
+    host, _, pid = tags.get("lease_owner", "").rpartition(":")
+    return not (host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def lease_holder(tags: Mapping[str, str]) -> str:
+    """``pid P on host H since TIME`` from a run's lease tags."""
+    host, _, pid = tags.get("lease_owner", "?:?").rpartition(":")
+    return f"pid {pid} on host {host} since {tags.get('lease_since', '?')}"
+
+
+class Lease:
+    """This process's lease on one run: its tags (written when the run is claimed), a
+    heartbeat thread that refreshes ``lease_heartbeat`` every ``timing.heartbeat`` seconds,
+    and ``lost`` once another process holds the run (this one was presumed dead: paused,
+    or cut off from the store, for longer than the grace)."""
+
+    def __init__(self, timing: LeaseTiming):
+        self.timing = timing
+        self.run_id: str | None = None  # the run the lease is on, once claimed
+        self.token = uuid.uuid4().hex
+        self.lost: str | None = None  # who holds the run now, once it is not ours
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tags(self) -> dict[str, str]:
+        since = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return {"lease_owner": f"{socket.gethostname()}:{os.getpid()}", "lease_since": since,
+                "lease_heartbeat": f"{time.time():.3f}", "lease_token": self.token}
+
+    def held(self, tags: Mapping[str, str]) -> bool:
+        return tags.get("lease_token") == self.token
+
+    def start(self) -> None:
+        """Beat for ``run_id`` (set once the run is known) from a daemon thread."""
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{self.run_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        while not self._stopping.wait(self.timing.heartbeat):
+            try:
+                tags = client.get_run(self.run_id).data.tags
+                if not self.held(tags):  # read before writing: never beat for another owner
+                    self.lost = lease_holder(tags)
+                    return
+                if self._stopping.is_set():  # released meanwhile: no beat after it
+                    return
+                client.set_tag(self.run_id, "lease_heartbeat", f"{time.time():.3f}")
+            except Exception:  # noqa: BLE001, S112  (the store is down: training meets it too)
+                continue
+
+    def stop(self) -> None:
+        """Stop beating (the lease then expires after the grace unless released). Waits for
+        a beat in flight, but not for a store that does not answer (the thread is a daemon)."""
+        self._stopping.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.timing.heartbeat)
+
+    def release(self, client: Any) -> None:
+        """Stop beating and remove the lease tags, if the run is still ours: a rerun takes
+        the run at once. Never raises (the store may be what failed; the lease expires)."""
+        self.stop()
+        if self.run_id is None or self.lost is not None:
+            return
+        try:
+            if self.held(client.get_run(self.run_id).data.tags):
+                for key in LEASE_TAGS:
+                    client.delete_tag(self.run_id, key)
+        except Exception:  # noqa: BLE001, S110
+            pass

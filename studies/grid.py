@@ -38,6 +38,7 @@ from experiments import tracking
 from experiments.registry import Ablation, Arm, resolve
 from experiments.runner import RunContext, RunOutcome, run_pack
 from experiments.spec import ExperimentSpec, SpecError, spec_hash
+from experiments.tracking import RunBusyError
 from studies import results
 
 
@@ -266,10 +267,12 @@ def _label(grid: Grid, index: int) -> str:
 
 
 def record(client: Any, study: StudyRun, label: str, run: GridRun,
-           result: RunOutcome | NonFiniteLossError, how: str) -> None:
-    """One run's result into the study: a failure, or a run filed under the parent."""
-    if isinstance(result, NonFiniteLossError):
-        print(f"{label}: FAILED ({result})", flush=True)
+           result: RunOutcome | NonFiniteLossError | RunBusyError, how: str) -> None:
+    """One run's result into the study: a failure (a diverged loss, or a run another live
+    process trains: not in this report), or a run filed under the parent."""
+    if isinstance(result, (NonFiniteLossError, RunBusyError)):
+        what = "FAILED" if isinstance(result, NonFiniteLossError) else "not run here"
+        print(f"{label}: {what} ({result})", flush=True)
         study.failures.append(f"{run.arm.name} seed {run.seed}: {result}")
         return
     adopt(client, result.run_id, study.parent_run_id)

@@ -43,14 +43,15 @@ from optuna.trial import FrozenTrial, TrialState
 from cvae.train import FitState, Hooks, NonFiniteLossError
 from experiments import tracking
 from experiments.cli import Parser, guarded, int_at_least, seed_arg
-from experiments.registry import ABLATIONS, PROFILES, get_ablation
-from experiments.runner import DEVICES, pick_device, run_experiment
-from experiments.spec import SpecError
-from experiments.tracking import first_line
+from experiments.registry import ABLATIONS, PROFILES, Arm, get_ablation
+from experiments.runner import DEVICES, RunOutcome, pick_device, run_experiment
+from experiments.spec import ExperimentSpec, SpecError
+from experiments.tracking import RunBusyError, first_line
 from studies import storage as storages
 from studies.grid import Grid, StudyRun, add_seeds, adopt
 
 SEED_RANGE = (0, 2**31 - 1)  # arms and seeds are fixed params; the distributions only name them
+BUSY_POLL = 15.0  # seconds between looks at a pair's run that another live process trains
 
 
 def say(message: str) -> None:
@@ -424,12 +425,7 @@ class Worker:
                 trial.set_user_attr("worker", me())
                 arm = queue.grid.arm(name)
                 spec = queue.grid.spec(arm, seed)
-                outcome = run_experiment(
-                    spec, device=self.device, data=self.data[spec.data], progress=False,
-                    hooks=EpochsDone(trial), context=queue.grid.context(
-                        arm, experiment_id=queue.experiment_id,
-                        parent_run_id=queue.parent_run_id, optuna_study=study.study_name,
-                        optuna_trial=str(trial.number)))
+                outcome = self.train(trial, arm, spec)
             except NonFiniteLossError as err:
                 trial.set_user_attr("stop_reason", first_line(err))
                 tell(study, trial, TrialState.FAIL)
@@ -449,6 +445,24 @@ class Worker:
         what = "reused" if outcome.skipped else f"{time.monotonic() - started:.0f} s"
         say(f"worker {me()}: trial {trial.number}: {name} seed {seed} done: val/psnr "
             f"{value:.2f} dB (run {outcome.run_id}, {what})")
+
+
+    def train(self, trial: optuna.Trial, arm: Arm, spec: ExperimentSpec) -> RunOutcome:
+        """The pair's run. Another live process training it (a worker presumed dead whose
+        trial was retried, but which still beats its run's lease): wait for it to finish or
+        to die, then reuse or resume the run, holding the pair meanwhile."""
+        queue = self.queue
+        context = queue.grid.context(arm, experiment_id=queue.experiment_id,
+                                     parent_run_id=queue.parent_run_id,
+                                     optuna_study=queue.study.study_name,
+                                     optuna_trial=str(trial.number))
+        while True:
+            try:
+                return run_experiment(spec, device=self.device, data=self.data[spec.data],
+                                      progress=False, hooks=EpochsDone(trial), context=context)
+            except RunBusyError as err:
+                say(f"worker {me()}: trial {trial.number}: {first_line(err)}; waiting")
+                time.sleep(BUSY_POLL)
 
 
 def run_worker(url: str, name: str, *, device: str | None = None,
