@@ -120,9 +120,7 @@ def open_job_study(job: tuning.StudyJob, *, worker: int = 0) -> optuna.Study:
     """The job's study (created, or resumed if it is about the same thing), with heartbeats
     and retries on a database storage and a sampler seeded for this worker."""
     search = job.search
-    storage = storages.open_storage(
-        job.storage, heartbeat=_heartbeat(job), grace=storages.GRACE,
-        on_stale=queue.LoggedRetry(me=queue.me(), max_retry=storages.MAX_RETRY))
+    storage = queue.beating_storage(job.storage, storages.DEFAULT_BEATS)
     sampler = tuning.make_sampler(search.sampler, seed=search.seed, n_trials=search.n_trials)
     with storages.storage_errors(job.storage):
         study = tuning.open_study(storage, job.study_name, sampler=sampler,
@@ -175,7 +173,7 @@ def take_trials(job: tuning.StudyJob, study: optuna.Study, *, data: Any,
             continue
         if trial is None:
             break
-        with queue.Heartbeat(study._storage, trial._trial_id, _heartbeat(job)):
+        with queue.Heartbeat(study._storage, trial._trial_id, _heartbeat(job), study):
             state, value = _run_objective(study, trial, objective)
         queue.tell(study, trial, state, value)
         tuning.print_trial(study, study._storage.get_trial(trial._trial_id))
@@ -302,8 +300,9 @@ def _run_workers(job: tuning.StudyJob, workers: int) -> int:
     """``workers`` ``--worker`` processes of this very command (``job.argv``), sharing the
     cores; returns how many exited with an error."""
     threads = max(1, queue.cpu_count() // workers)  # no oversubscription of the cores
-    argv = [*job.argv, "--storage", job.storage, "--worker", "--threads", str(threads)]
-    with queue.workers("studies.tune", [argv] * workers, threads=threads) as procs:
+    argv = [*job.argv, "--worker", "--threads", str(threads)]
+    with queue.workers("studies.tune", [argv] * workers, threads=threads,
+                       storage=job.storage) as procs:
         pass
     for i, proc in enumerate(procs):
         if proc.returncode != 0:
@@ -479,6 +478,7 @@ def best_per_arm_table(args: argparse.Namespace, name: str, ablation: Ablation,
 # Command line
 # ---------------------------------------------------------------------------------------------
 def _check_args(args: argparse.Namespace) -> None:
+    args.storage = storages.given(args.storage)
     for flag, value, low in (("--n-trials", args.n_trials, 1), ("--workers", args.workers, 1),
                              ("--epochs", args.epochs, 1), ("--threads", args.threads, 1)):
         if value is not None and value < low:
@@ -517,8 +517,7 @@ def make_jobs(args: argparse.Namespace, argv: list[str], *, profile: str, device
     epochs = grids[0].epochs_each
     name = args.study_name or f"{args.per_arm or grids[0].runs[0].spec.name}-{profile}-{epochs}ep"
     table = tuning.load_spec(args.spec)[1] if args.spec else {}
-    worker_argv = [a for i, a in enumerate(argv) if a != "--workers"
-                   and not a.startswith("--workers=") and (i == 0 or argv[i - 1] != "--workers")]
+    worker_argv = without(argv, "--workers", "--storage")  # the storage: in the environment
     return [tuning.StudyJob(
         study_name=f"{name}-{grid.chosen[0].name}" if args.per_arm else name,
         grid=replace(grid, study=f"tune-{name}"),
@@ -527,6 +526,16 @@ def make_jobs(args: argparse.Namespace, argv: list[str], *, profile: str, device
         argv=(*worker_argv, "--profile", profile, "--device", device,
               *(("--arm", grid.chosen[0].name) if args.per_arm else ())))
         for grid in grids]
+
+
+def without(argv: list[str], *flags: str) -> list[str]:
+    """``argv`` less each of ``flags`` and its value (``--flag V`` or ``--flag=V``)."""
+    out, skip = [], False
+    for arg in argv:
+        if not skip and arg.split("=")[0] not in flags:
+            out.append(arg)
+        skip = not skip and arg in flags
+    return out
 
 
 def _load_data(jobs: list[tuning.StudyJob], *, here: bool) -> dict[Any, Any]:

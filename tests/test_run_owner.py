@@ -21,7 +21,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from experiments import runner, tracking
-from experiments.__main__ import resolved
+from experiments.registry import resolve
 from experiments.runner import RunContext, run_experiment
 from experiments.spec import spec_hash
 from experiments.tracking import Lease, LeaseTiming, RunBusyError
@@ -130,7 +130,7 @@ def test_heartbeat_thread_beats_until_another_process_holds_the_run(tracking_sto
 @pytest.mark.parametrize("rival", ["started_first", "started_later", "finished"])
 def test_of_two_runs_claimed_together_the_earliest_wins(tracking_store, monkeypatch, capsys,
                                                         one_thread, rival):
-    spec = resolved("kl_cyclical", [], "smoke", 1)
+    spec = resolve("kl_cyclical", profile="smoke", epochs=1)
     client = MlflowClient()
     tracking.configure()
     experiment_id = tracking.get_or_create_experiment("runs")
@@ -175,7 +175,7 @@ def test_an_owner_whose_run_was_taken_over_stops_without_writing(tracking_store,
                                                                  one_thread):
     """A paused owner (beyond the grace) whose run another process took over: at its next
     epoch end it finds another lease on the run and stops, leaving the run to the new owner."""
-    spec = resolved("kl_cyclical", [], "smoke", 3)
+    spec = resolve("kl_cyclical", profile="smoke", epochs=3)
     client = MlflowClient()
     real = runner.MlflowHooks.on_epoch_end
 

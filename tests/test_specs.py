@@ -271,3 +271,44 @@ def test_profile_keeps_schedule_values_the_user_chose(tmp_path):
     from_file = resolved(str(path), [], "cpu")
     assert (from_file.kl.cycles, from_file.teacher_forcing.decay_start) == (3, 2)
     assert from_file.teacher_forcing.decay_step == rescaled.teacher_forcing.decay_step
+
+
+# Every key a profile rewrites, with a value no profile gives it.
+EXPLICIT = {"model.frame_dim": 24, "model.label_dim": 6, "model.latent_dim": 5,
+            "model.decoder_dim": 40, "model.encoder_width": 3, "optim.lr": 7e-4,
+            "train.epochs": 5, "eval.every": 3, "kl.cycles": 3,
+            "teacher_forcing.decay_start": 1, "teacher_forcing.decay_step": 0.3,
+            "lr_schedule.milestones": (1, 3)}
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "full"])
+@pytest.mark.parametrize("key", sorted(EXPLICIT))
+def test_an_explicit_value_survives_every_profile(profile, key):
+    """A value the user sets (--set, a spec file, a tuned value) runs as written at every
+    profile; the profile still sets what the user did not choose."""
+    value = EXPLICIT[key]
+    spec = resolve("tfr_decay", profile=profile, overrides={key: value})
+    assert flatten(spec)[key] == (list(value) if isinstance(value, tuple) else value)
+    untouched = resolve("tfr_decay", profile=profile)
+    others = {k: v for k, v in flatten(untouched).items() if k not in (key, "description")}
+    if key != "train.epochs":  # a run's length moves the schedules it rescales
+        assert {k: flatten(spec)[k] for k in others} == others
+
+
+def test_explicit_values_from_a_spec_file_survive_the_profile(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('base = "kl_cyclical"\n[model]\nframe_dim = 24\n[train]\nepochs = 5\n'
+                    "[eval]\nevery = 3\n")
+    spec = resolve(str(path), profile="cpu")
+    assert (spec.model.frame_dim, spec.train.epochs, spec.eval.every) == (24, 5, 3)
+    assert spec.model.decoder_dim == 32  # the profile's, not chosen in the file
+
+
+def test_show_says_which_values_came_from_the_profile(capsys):
+    from experiments.__main__ import main
+
+    assert main(["show", "kl_cyclical", "--profile", "cpu", "--set", "model.frame_dim=64"]) == 0
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("set by the profile cpu"))
+    assert "model.decoder_dim=32 (spec: 192)" in line and "optim.lr=0.002" in line
+    assert "frame_dim" not in line
