@@ -13,7 +13,14 @@ import sys
 from dataclasses import replace
 
 from cvae.train import NonFiniteLossError
-from experiments.cli import Parser, add_common, guarded, resolve_profile_and_device, seed_arg
+from experiments.cli import (
+    Parser,
+    add_common,
+    guarded,
+    pin_threads,
+    resolve_profile_and_device,
+    seed_arg,
+)
 from experiments.registry import ABLATIONS, PROFILES, SPECS, list_specs, resolve
 from experiments.runner import RunContext, run_experiment
 from experiments.spec import ExperimentSpec, SpecError, flatten, parse_set, spec_hash, to_json
@@ -77,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                   + f": {', '.join(changed) or 'nothing'}", file=sys.stderr)
         return 0
 
+    pin_threads(args.threads)
     profile, device = resolve_profile_and_device(args)
     base = resolve(args.spec, profile=profile, epochs=args.epochs, data=args.data,
                    overrides=parse_set(args.overrides))

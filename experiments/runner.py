@@ -162,23 +162,48 @@ class RunContext:
     label: str | None = None  # the run's name and progress label (default: ARM-sSEED)
 
 
+def duration(seconds: float) -> str:
+    """``42 s``, ``7 min``, ``2.5 h``: how long, for progress lines."""
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
+
+
 class _Progress:
-    """A tqdm bar per run (epoch, batches, ETA, loss, last val PSNR); silent off a terminal."""
+    """A run's progress: on a terminal a tqdm bar (epoch, ETA, loss, last val PSNR); else
+    (a log file, a pipe, a queue worker) one line per epoch, with the run's ETA."""
 
     def __init__(self, label: str, total_epochs: int, start_epoch: int, enabled: bool,
                  position: int = 0):
         from tqdm.auto import tqdm
 
+        self.label, self.total, self.epoch = label, total_epochs, start_epoch
+        self.started, self.first = time.monotonic(), start_epoch
         self.bar = tqdm(total=total_epochs, initial=start_epoch, desc=label, unit="epoch",
                         disable=not enabled, leave=True, dynamic_ncols=True,
                         position=position or None)
 
     def update(self, metrics: dict[str, float]) -> None:
+        self.epoch += 1
+        if self.bar.disable:
+            print(self.line(metrics), flush=True)
+            return
         post = {"loss": f"{metrics.get('train/loss', math.nan):.4g}"}
         if "val/psnr" in metrics:
             post["val_psnr"] = f"{metrics['val/psnr']:.2f}"
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
+
+    def line(self, metrics: dict[str, float]) -> str:
+        each = (time.monotonic() - self.started) / max(1, self.epoch - self.first)
+        parts = [f"[{self.label}] epoch {self.epoch}/{self.total}",
+                 f"train loss {metrics.get('train/loss', math.nan):.4g}",
+                 f"β {metrics.get('train/beta', math.nan):.3g}",
+                 f"tfr {metrics.get('train/tfr', math.nan):.2f}"]
+        if "val/psnr" in metrics:
+            parts.append(f"val PSNR {metrics['val/psnr']:.2f} dB")
+        parts += [f"{each:.1f} s/epoch", f"run ETA {duration(each * (self.total - self.epoch))}"]
+        return " · ".join(parts)
 
     def close(self) -> None:
         self.bar.close()
@@ -560,7 +585,7 @@ def _prepare(client: Any, spec: ExperimentSpec, context: RunContext, device: str
         if _storage_full(err):
             raise _storage_error(err, f"run {run_id} ({name})") from None
         raise
-    enabled = sys.stderr.isatty() if progress is None else progress
+    enabled = sys.stderr.isatty() if progress is None else progress  # else a line per epoch
     bar = _Progress(label, spec.train.epochs, state.epoch, enabled, position=position)
     hooks = MlflowHooks(client, run_id, workdir, already_logged=already, progress=bar,
                         extra=hooks, claim=claim)

@@ -12,7 +12,15 @@ import sys
 import time
 from dataclasses import dataclass
 
-from experiments.cli import Parser, add_common, fail, guarded, resolve_profile_and_device, seed_arg
+from experiments.cli import (
+    Parser,
+    add_common,
+    fail,
+    guarded,
+    pin_threads,
+    resolve_profile_and_device,
+    seed_arg,
+)
 from experiments.registry import get_ablation
 from experiments.spec import SpecError
 from studies import queue
@@ -151,6 +159,7 @@ def run(grid: Grid, args: argparse.Namespace, device: str) -> StudyRun | None:
     if jobs > 1 and todo > 1:
         return queue.run_queued(grid, queue.Queueing(beats=beats), device=device,
                                 jobs=min(jobs, todo))
+    pin_threads(args.threads)
     return run_here(grid, device=device, pack=pack)
 
 

@@ -42,9 +42,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cvae.train import FitState, Hooks, NonFiniteLossError
 from experiments import tracking
-from experiments.cli import Parser, guarded, int_at_least, seed_arg
+from experiments.cli import Parser, cpu_count, guarded, int_at_least, pin_threads, seed_arg
 from experiments.registry import ABLATIONS, PROFILES, Arm, get_ablation
-from experiments.runner import DEVICES, RunOutcome, pick_device, run_experiment
+from experiments.runner import DEVICES, RunOutcome, duration, pick_device, run_experiment
 from experiments.spec import ExperimentSpec, SpecError
 from experiments.tracking import RunBusyError, first_line
 from studies import storage as storages
@@ -227,7 +227,7 @@ def wait(queue: Queue, *, workers: Sequence[subprocess.Popen] = (), poll: float 
     worker's trial is failed here after the grace period. Returns the pair counts by state."""
     from tqdm.auto import tqdm
 
-    study, url = queue.study, queue.url
+    study, url, started = queue.study, queue.url, time.monotonic()
     enabled = sys.stderr.isatty() if progress is None else progress
     total = queue.grid.epochs_each * len(pair_list(study))
     bar = tqdm(total=total, desc=study.study_name, unit="epoch", disable=not enabled,
@@ -244,7 +244,7 @@ def wait(queue: Queue, *, workers: Sequence[subprocess.Popen] = (), poll: float 
                             complete=counts["complete"], refresh=False)
             if not enabled and counts_line(counts) != last:
                 last = counts_line(counts)
-                say(f"study {study.study_name}: {last}")
+                say(f"study {study.study_name}: {last}{_eta(done, total, started)}")
             if counts["waiting"] == 0 and counts["running"] == 0:
                 return counts
             if workers and all(w.poll() is not None for w in workers):
@@ -252,6 +252,15 @@ def wait(queue: Queue, *, workers: Sequence[subprocess.Popen] = (), poll: float 
             time.sleep(poll)
     finally:
         bar.close()
+
+
+def _eta(done: int, total: int, started: float) -> str:
+    """`` · 40% of the epochs · study ETA 9 min`` from the epochs done since ``started``."""
+    if not (0 < done < total):
+        return ""
+    elapsed = time.monotonic() - started
+    return (f" · {done / total:.0%} of the epochs · study ETA "
+            f"{duration(elapsed / done * (total - done))}")
 
 
 def pair_list(study: optuna.Study) -> set[tuple[str, int]]:
@@ -535,14 +544,6 @@ def _require_experiment(client: Any, experiment_id: str, name: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Worker processes on this machine (the study commands and studies.tune)
 # ---------------------------------------------------------------------------------------------
-def cpu_count() -> int:
-    """The cores this process may use (``taskset``/cgroup affinity), not the machine's."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 @contextlib.contextmanager
 def workers(module: str, argv: Sequence[Sequence[str]], *, threads: int,
             storage: str) -> Iterator[list[subprocess.Popen]]:
@@ -714,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_work.add_argument("--poll", type=float, default=2.0,
                         help="seconds between looks while others run (default: 2)")
     p_work.add_argument("--threads", type=_positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice, all cores)")
+                        help="torch CPU threads (default: the cores this process may use)")
     p_work.add_argument("--no-linger", dest="linger", action="store_false",
                         help="exit as soon as nothing is waiting, instead of staying until "
                              "the pairs running elsewhere are done (to take over a dead "
@@ -743,10 +744,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if counts["failed"] else 0
     if args.command == "worker":
         beats = storages.Beats(args.heartbeat, args.grace, args.max_retry)
-        if args.threads is not None:
-            import torch
-
-            torch.set_num_threads(args.threads)
+        pin_threads(args.threads)
         worker = run_worker(url, args.study, device=args.device, beats=beats,
                             linger=args.linger, poll=args.poll)
         return 1 if worker.failed else 0

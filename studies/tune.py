@@ -56,7 +56,15 @@ from optuna.trial import TrialState
 
 from cvae.train import NonFiniteLossError
 from experiments import tracking
-from experiments.cli import Parser, add_common, guarded, resolve_profile_and_device, seed_arg
+from experiments.cli import (
+    Parser,
+    add_common,
+    cpu_count,
+    guarded,
+    pin_threads,
+    resolve_profile_and_device,
+    seed_arg,
+)
 from experiments.registry import (
     SPECS,
     Ablation,
@@ -103,8 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "report (the coordinating command writes it)")
     parser.add_argument("--arm", default=None, metavar="ARM",
                         help="with --per-arm --worker: join only this arm's study")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--rerun-seeds", type=seed_arg, nargs="+", default=None, metavar="SEED",
                         help="rerun the best settings over these seeds (default with --per-arm: "
                              "three seeds the trials did not train with, 1 2 3 for specs of "
@@ -299,7 +305,7 @@ def tune_study(job: tuning.StudyJob, *, workers: int, data: Any, root: str) -> S
 def _run_workers(job: tuning.StudyJob, workers: int) -> int:
     """``workers`` ``--worker`` processes of this very command (``job.argv``), sharing the
     cores; returns how many exited with an error."""
-    threads = max(1, queue.cpu_count() // workers)  # no oversubscription of the cores
+    threads = max(1, cpu_count() // workers)  # no oversubscription of the cores
     argv = [*job.argv, "--worker", "--threads", str(threads)]
     with queue.workers("studies.tune", [argv] * workers, threads=threads,
                        storage=job.storage) as procs:
@@ -480,7 +486,7 @@ def best_per_arm_table(args: argparse.Namespace, name: str, ablation: Ablation,
 def _check_args(args: argparse.Namespace) -> None:
     args.storage = storages.given(args.storage)
     for flag, value, low in (("--n-trials", args.n_trials, 1), ("--workers", args.workers, 1),
-                             ("--epochs", args.epochs, 1), ("--threads", args.threads, 1)):
+                             ("--epochs", args.epochs, 1)):
         if value is not None and value < low:
             raise SpecError(f"{flag}={value} must be >= {low}")
     if args.timeout is not None and args.timeout <= 0:
@@ -558,10 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     profile, device = resolve_profile_and_device(args)
     storage = storages.storage_url(args.storage)
     storages.check_url(storage)
