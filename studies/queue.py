@@ -228,6 +228,7 @@ def wait(queue: Queue, *, workers: Sequence[subprocess.Popen] = (), poll: float 
     from tqdm.auto import tqdm
 
     study, url, started = queue.study, queue.url, time.monotonic()
+    retry = LoggedRetry(me=me(), max_retry=storages.MAX_RETRY)
     enabled = sys.stderr.isatty() if progress is None else progress
     total = queue.grid.epochs_each * len(pair_list(study))
     bar = tqdm(total=total, desc=study.study_name, unit="epoch", disable=not enabled,
@@ -238,6 +239,7 @@ def wait(queue: Queue, *, workers: Sequence[subprocess.Popen] = (), poll: float 
             with storages.storage_errors(url):
                 if not workers:
                     optuna.storages.fail_stale_trials(study)
+                requeue_dead(study, retry)
                 counts, done = pair_states(study), epochs_done(study)
             bar.update(max(0, min(done, total) - bar.n))
             bar.set_postfix(running=counts["running"], waiting=counts["waiting"],
@@ -331,6 +333,27 @@ def me() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def dead_here(study: optuna.Study, **attrs: Any) -> list[FrozenTrial]:
+    """RUNNING trials whose worker was a process of this host that is gone (SIGKILL): found
+    at once, heartbeats or not (a journal has none), given the user ``attrs`` and failed
+    here (not those another process failed first)."""
+    found = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if tracking.owner_gone(trial.user_attrs.get("worker", "")):
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                for key, value in {"stop_reason": "its worker process is gone", **attrs}.items():
+                    study._storage.set_trial_user_attr(trial._trial_id, key, value)
+                if study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                    found.append(study._storage.get_trial(trial._trial_id))
+    return found
+
+
+def requeue_dead(study: optuna.Study, retry: LoggedRetry) -> None:
+    """Each pair whose worker here was killed goes back in the queue (its run resumes)."""
+    for trial in dead_here(study):
+        retry.requeue(study, trial, "lost its worker process (killed)")
+
+
 def beating_storage(url: str, beats: storages.Beats) -> BaseStorage:
     """``url``'s storage with heartbeats, stale checks and retries (a journal has none)."""
     if storages.is_journal(url):
@@ -422,9 +445,10 @@ class Worker:
         while True:
             with storages.storage_errors(self.url):
                 optuna.storages.fail_stale_trials(study)
+                requeue_dead(study, self.retry)
                 trial_id = pop_waiting(study, heartbeat=bool(self.heartbeat))
                 if trial_id is None:
-                    if linger and self.heartbeat and pair_states(study)["running"] > 0:
+                    if linger and pair_states(study)["running"] > 0:
                         time.sleep(poll)
                         continue
                     return

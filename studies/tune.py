@@ -154,7 +154,18 @@ def claim(study: optuna.Study, n_trials: int) -> optuna.Trial | None:
         return None
     with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": we beat
         warnings.simplefilter("ignore")
-        return study.ask()
+        trial = study.ask()
+    trial.set_user_attr("worker", queue.me())
+    return trial
+
+
+def retry_dead(study: optuna.Study) -> None:
+    """Trials whose process here was killed: interrupted, and enqueued again with the same
+    settings, so that their MLflow runs resume (at once, heartbeats or not)."""
+    for trial in queue.dead_here(study, interrupted=True):
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        print(f"[{study.study_name}] trial {trial.number}: its process is gone; enqueued again "
+              "with the same settings (its run resumes)", flush=True)
 
 
 def take_trials(job: tuning.StudyJob, study: optuna.Study, *, data: Any,
@@ -168,6 +179,7 @@ def take_trials(job: tuning.StudyJob, study: optuna.Study, *, data: Any,
     while job.search.timeout is None or time.monotonic() - started < job.search.timeout:
         with storages.exclusive(job.storage), storages.storage_errors(job.storage):
             optuna.storages.fail_stale_trials(study)
+            retry_dead(study)
             trial = claim(study, job.search.n_trials)
             running = tuning.counts(study)["RUNNING"]
         if trial is None and linger and running:
@@ -272,7 +284,9 @@ def tune_study(job: tuning.StudyJob, *, workers: int, data: Any, root: str) -> S
     from mlflow.tracking import MlflowClient
 
     study = open_job_study(job)
-    plan = tuning.plan_trials(study, job.search.n_trials)
+    with storages.exclusive(job.storage), storages.storage_errors(job.storage):
+        retry_dead(study)  # a killed earlier command's trials: their runs resume
+        plan = tuning.plan_trials(study, job.search.n_trials)
     tracking.configure()
     client = MlflowClient()
     job.experiment_id = tracking.get_or_create_experiment(job.grid.study)
