@@ -93,6 +93,15 @@ def test_reduce_changes_the_hash_only_where_it_averages_several_samples():
     assert flatten(mean_of_4)["eval.reduce"] == "mean"
 
 
+def test_every_profile_evaluates_one_prior_sample():
+    """The default evaluation, chosen from the measured noise (README, Evaluation noise): one
+    prior sample at every profile, the lab's protocol, for lab_template and every arm."""
+    for name, spec in SPECS.items():
+        for profile in ("smoke", "cpu", "full"):
+            evaluation = apply_profile(spec, profile).eval
+            assert (evaluation.latent, evaluation.samples) == ("prior_sample", 1), (name, profile)
+
+
 def test_json_round_trip_and_flatten():
     for spec in SPECS.values():
         assert from_json(to_json(spec)) == spec
