@@ -65,7 +65,7 @@ from cvae.train import (
     Hooks,
     NonFiniteLossError,
     copy_first_floor,
-    evaluate,
+    evaluate_after,
     fit,
     new_fit_state,
 )
@@ -113,7 +113,7 @@ def fit_config(spec: ExperimentSpec) -> FitConfig:
         # CUDA graphs of each step on CUDA (same results, faster); CVAE_CUDA_GRAPHS=0: eager.
         cuda_graphs=os.environ.get("CVAE_CUDA_GRAPHS", "1") != "0",
         eval_every=spec.eval.every, eval_latent=spec.eval.latent,
-        eval_samples=spec.eval.samples,
+        eval_samples=spec.eval.samples, eval_reduce=spec.eval.reduce,
     )
 
 
@@ -598,9 +598,10 @@ def _finish(client: Any, member: _Member, data: Data) -> RunOutcome:
     state, spec = member.state, member.spec
     member.bar.close()
     member.claim.verify()
-    evaluation = member.hooks.last_evaluation or evaluate(
-        state.model, data.val_frames, data.val_labels, latent=spec.eval.latent,
-        samples=spec.eval.samples, generator=state.noise_generator)
+    # Resumed after its last epoch, a run has no evaluation in memory: the last epoch's is
+    # made again, with that epoch's own noise, so it is the one the run logged.
+    evaluation = member.hooks.last_evaluation or evaluate_after(
+        state, fit_config(spec), data.val_frames, data.val_labels, epoch=state.epoch - 1)
     _log_final_artifacts(client, member.run_id, spec, state, evaluation, data, member.workdir)
     client.set_tag(member.run_id, "best_val_psnr", f"{state.best_val_psnr:.6f}")
     client.set_tag(member.run_id, "best_epoch", str(state.best_epoch))

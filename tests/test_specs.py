@@ -75,6 +75,35 @@ def test_precision_changes_the_hash_only_when_not_the_default():
     assert flatten(bf16)["train.precision"] == "bf16"
 
 
+def test_reduce_changes_the_hash_only_where_it_averages_several_samples():
+    """eval.reduce arrived after runs were stored: where it means what came before (one
+    sample, the prior mean, or "best", the old best-of-N), specs keep their hashes; the mean
+    of several samples is another metric and gets its own."""
+    base = SPECS["kl_cyclical"]
+    assert base.eval.samples == 1
+    for reduce in ("mean", "best"):
+        one = apply_overrides(base, {"eval.reduce": reduce})
+        assert spec_hash(one) == "af3cd956cb83"
+        prior_mean = apply_overrides(base, {"eval.reduce": reduce, "eval.samples": "4",
+                                            "eval.latent": "prior_mean"})
+        assert spec_hash(prior_mean) == spec_hash(apply_overrides(
+            base, {"eval.samples": "4", "eval.latent": "prior_mean", "eval.reduce": "best"}))
+    best_of_4 = apply_overrides(base, {"eval.samples": "4", "eval.reduce": "best"})
+    mean_of_4 = apply_overrides(base, {"eval.samples": "4", "eval.reduce": "mean"})
+    assert spec_hash(best_of_4) == "9869d918e6cf"  # eval.samples=4 before eval.reduce existed
+    assert spec_hash(mean_of_4) not in (spec_hash(best_of_4), spec_hash(base))
+    assert flatten(mean_of_4)["eval.reduce"] == "mean"
+
+
+def test_every_profile_evaluates_one_prior_sample():
+    """The default evaluation, chosen from the measured noise (README, Evaluation noise): one
+    prior sample at every profile, the lab's protocol, for lab_template and every arm."""
+    for name, spec in SPECS.items():
+        for profile in ("smoke", "cpu", "full"):
+            evaluation = apply_profile(spec, profile).eval
+            assert (evaluation.latent, evaluation.samples) == ("prior_sample", 1), (name, profile)
+
+
 def test_json_round_trip_and_flatten():
     for spec in SPECS.values():
         assert from_json(to_json(spec)) == spec
@@ -93,6 +122,7 @@ def test_json_round_trip_and_flatten():
     ("teacher_forcing.ratio", "2", "must be in [0, 1]"),
     ("optim.kind", "sgd", "choose one of: adam, adamw"),
     ("train.precision", "fp16", "choose one of: fp32, bf16"),
+    ("eval.reduce", "median", "eval.reduce='median' is not valid; choose one of: mean, best"),
     ("train.epochs", "ten", "is not an integer"),
     ("optim.lr", "fast", "is not a number"),
     ("optim.lrr", "1", "unknown key 'optim.lrr'; valid keys:"),
