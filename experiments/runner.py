@@ -523,7 +523,6 @@ class _Member:
     """A run being trained: its MLflow run, its state and its hooks (run_experiment, run_pack)."""
 
     spec: ExperimentSpec
-    run_id: str
     label: str
     state: FitState
     workdir: Path
@@ -531,6 +530,10 @@ class _Member:
     bar: _Progress
     resumed_from: int
     claim: _Claim
+
+    @property
+    def run_id(self) -> str:
+        return self.claim.run_id
 
 
 def _prepare(client: Any, spec: ExperimentSpec, context: RunContext, device: str,
@@ -589,7 +592,7 @@ def _prepare(client: Any, spec: ExperimentSpec, context: RunContext, device: str
     bar = _Progress(label, spec.train.epochs, state.epoch, enabled, position=position)
     hooks = MlflowHooks(client, run_id, workdir, already_logged=already, progress=bar,
                         extra=hooks, claim=claim)
-    return _Member(spec, run_id, label, state, workdir, hooks, bar, state.epoch, claim), data
+    return _Member(spec, label, state, workdir, hooks, bar, state.epoch, claim), data
 
 
 def _finish(client: Any, member: _Member, data: Data) -> RunOutcome:
@@ -704,7 +707,7 @@ def run_pack(
     """
     from mlflow.tracking import MlflowClient
 
-    from cvae.packed import PackedNonFiniteLossError, PackedTrainer, fit_packed, packable
+    from cvae.packed import packable
 
     tracking.configure()
     client = MlflowClient()
@@ -723,31 +726,9 @@ def run_pack(
             else:
                 members[i] = prepared[0]
         for pack in _packs(members, packable):
-            states = [members[i].state for i in pack]
-            configs = [fit_config(members[i].spec) for i in pack]
-            failed: list[int] = []
-            errors: dict[int, NonFiniteLossError] = {}
-            if len(pack) == 1:
-                try:
-                    fit(states[0], data.clips, data.clip_labels, data.val_frames,
-                        data.val_labels, configs[0], hooks=members[pack[0]].hooks)
-                except NonFiniteLossError as err:
-                    failed, errors = [0], {0: err}
-            else:
-                print(f"packed: {', '.join(members[i].label for i in pack)} train together "
-                      f"from epoch {states[0].epoch}", flush=True)
-                try:
-                    fit_packed(PackedTrainer(states, configs), data.clips, data.clip_labels,
-                               data.val_frames, data.val_labels,
-                               hooks=[members[i].hooks for i in pack])
-                except PackedNonFiniteLossError as err:
-                    failed = err.members
-                    errors = {k: NonFiniteLossError(
-                        f"non-finite training loss at epoch {members[pack[k]].state.epoch} "
-                        "(trained in a pack)", epoch=members[pack[k]].state.epoch)
-                        for k in failed}
+            errors = _train_pack([members[i] for i in pack], data)
             for k, i in enumerate(pack):
-                if k in failed:
+                if k in errors:
                     _stop(client, members.pop(i), errors[k])
                     results[i] = errors[k]
                 else:  # removed once finished: a failing _finish leaves it to be stopped
@@ -760,6 +741,32 @@ def run_pack(
             raise _storage_error(err, "every unfinished run of the pack") from None
         raise
     return [r for r in results if r is not None]
+
+
+def _train_pack(pack: list[_Member], data: Data) -> dict[int, NonFiniteLossError]:
+    """Train the members of one pack (alone when there is one); the non-finite losses, by
+    position in the pack (the others trained to the end)."""
+    from cvae.packed import PackedNonFiniteLossError, PackedTrainer, fit_packed
+
+    states = [member.state for member in pack]
+    configs = [fit_config(member.spec) for member in pack]
+    if len(pack) == 1:
+        try:
+            fit(states[0], data.clips, data.clip_labels, data.val_frames, data.val_labels,
+                configs[0], hooks=pack[0].hooks)
+        except NonFiniteLossError as err:
+            return {0: err}
+        return {}
+    print(f"packed: {', '.join(member.label for member in pack)} train together from epoch "
+          f"{states[0].epoch}", flush=True)
+    try:
+        fit_packed(PackedTrainer(states, configs), data.clips, data.clip_labels,
+                   data.val_frames, data.val_labels, hooks=[member.hooks for member in pack])
+    except PackedNonFiniteLossError as err:
+        return {k: NonFiniteLossError(
+            f"non-finite training loss at epoch {pack[k].state.epoch} (trained in a pack)",
+            epoch=pack[k].state.epoch) for k in err.members}
+    return {}
 
 
 def _packs(members: dict[int, _Member], packable: Any) -> list[list[int]]:

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -274,14 +274,14 @@ def pair_list(study: optuna.Study) -> set[tuple[str, int]]:
 # ---------------------------------------------------------------------------------------------
 class Heartbeat:
     """Beats for one trial on a thread while it runs (``Study.optimize`` does this itself;
-    the ask/tell style used here must do it). With ``study``, each beat also fails the
-    trials whose workers stopped beating (their retry goes back in the queue): a worker busy
-    with a long pair still notices a dead one within about grace + heartbeat."""
+    the ask/tell style used here must do it). Each beat also runs ``check``: the look for
+    dead workers' trials, so that a worker busy with a long pair still puts a dead one's back
+    in the queue within about grace + heartbeat (at once for a process of this host)."""
 
     def __init__(self, storage: BaseStorage, trial_id: int, interval: int | None,
-                 study: optuna.Study | None = None):
+                 check: Callable[[], None] | None = None):
         self.storage, self.trial_id, self.interval = storage, trial_id, interval
-        self.study = study
+        self.check = check
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True, name="heartbeat")
 
@@ -299,8 +299,8 @@ class Heartbeat:
         while not self.stop.wait(self.interval):
             try:
                 self.storage.record_heartbeat(self.trial_id)
-                if self.study is not None:
-                    optuna.storages.fail_stale_trials(self.study)
+                if self.check is not None:
+                    self.check()
             except Exception as err:  # noqa: BLE001  (a database blip: the next beat retries)
                 say(f"heartbeat for trial id {self.trial_id} failed: {first_line(err)}")
 
@@ -444,8 +444,7 @@ class Worker:
         study = self.queue.study
         while True:
             with storages.storage_errors(self.url):
-                optuna.storages.fail_stale_trials(study)
-                requeue_dead(study, self.retry)
+                self.look()
                 trial_id = pop_waiting(study, heartbeat=bool(self.heartbeat))
                 if trial_id is None:
                     if linger and pair_states(study)["running"] > 0:
@@ -453,6 +452,11 @@ class Worker:
                         continue
                     return
             self.run(trial_id)
+
+    def look(self) -> None:
+        """Dead workers' pairs back in the queue: stale heartbeats, processes here gone."""
+        optuna.storages.fail_stale_trials(self.queue.study)
+        requeue_dead(self.queue.study, self.retry)
 
     def run(self, trial_id: int) -> None:
         """One pair: a complete trial carries the final val PSNR; a non-finite loss is a
@@ -468,7 +472,7 @@ class Worker:
         again = f" (retry of trial {origin})" if origin is not None else ""
         say(f"worker {me()}: trial {trial.number}: {name} seed {seed}{again}")
         started = time.monotonic()
-        with Heartbeat(study._storage, trial_id, self.heartbeat, study), \
+        with Heartbeat(study._storage, trial_id, self.heartbeat, self.look), \
                 requeue_on_error(study, trial, self.retry):
             try:
                 trial.set_user_attr("worker", me())

@@ -191,7 +191,8 @@ def take_trials(job: tuning.StudyJob, study: optuna.Study, *, data: Any,
             continue
         if trial is None:
             break
-        with queue.Heartbeat(study._storage, trial._trial_id, _heartbeat(job), study):
+        with queue.Heartbeat(study._storage, trial._trial_id, _heartbeat(job),
+                             lambda: (optuna.storages.fail_stale_trials(study), retry_dead(study))):
             state, value = _run_objective(study, trial, objective)
         queue.tell(study, trial, state, value)
         tuning.print_trial(study, study._storage.get_trial(trial._trial_id))
