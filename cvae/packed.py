@@ -526,8 +526,9 @@ def fit_packed(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> list[FitState]:
     """``cvae.train.fit`` for every member at once: the same epochs, metrics, evaluations
-    (per member with ``cvae.train.evaluate`` and its own noise generator), best-PSNR
-    bookkeeping and hook calls, one ``Hooks`` per member.
+    (per member with ``cvae.train.finish_epoch``: its own evaluation protocol, with the noise
+    of its own seed and epoch), best-PSNR bookkeeping and hook calls, one ``Hooks`` per
+    member.
 
     A member whose loss turns non-finite stops there (its state stays at the start of that
     epoch, as ``fit`` leaves it) while the others train on; at the end

@@ -9,6 +9,8 @@ device.
 
 Randomness (clip shuffling, teacher-forcing draws, eps) comes from explicit ``torch.Generator``s
 whose states go into checkpoints, so a resumed run continues the very same random stream.
+Evaluation draws from none of them: each evaluation has a generator of its own, seeded by the
+run's seed and the epoch alone (``evaluation_generator``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,6 +47,8 @@ LRScheduleKind = Literal["multistep", "cosine", "constant"]
 LR_SCHEDULES: tuple[str, ...] = ("multistep", "cosine", "constant")
 Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+EvalReduce = Literal["mean", "best"]
+EVAL_REDUCES: tuple[str, ...] = ("mean", "best")
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
@@ -363,6 +368,25 @@ class Evaluation:
         return float(self.mse_per_frame.mean())
 
 
+# Mixed into every evaluation seed, so evaluation streams never coincide with a stream that
+# someone else seeds from the same (seed, epoch).
+EVALUATION_SALT = 0x6576616C  # "eval"
+
+
+def evaluation_generator(seed: int, epoch: int,
+                         device: torch.device | str = "cpu") -> torch.Generator:
+    """The noise of the evaluation after ``epoch`` (0-based) of the run seeded ``seed``: a
+    generator on ``device`` seeded by (seed, epoch) alone, through numpy's ``SeedSequence``.
+
+    Evaluation therefore never draws from the training streams: evaluating more or less often
+    leaves training bit for bit the same. And every arm at one seed sees the same draws at the
+    same epoch (common random numbers), so evaluation noise largely cancels in the paired
+    differences of arms."""
+    entropy = np.random.SeedSequence([seed % 2**64, epoch, EVALUATION_SALT])
+    return torch.Generator(device=device).manual_seed(
+        int(entropy.generate_state(1, np.uint64)[0]))
+
+
 def _check_generation_latent(latent: str) -> None:
     if latent not in ("prior_sample", "prior_mean"):
         raise ValueError(
@@ -432,24 +456,33 @@ def evaluate(
     *,
     latent: LatentSource = "prior_sample",
     samples: int = 1,
+    reduce: EvalReduce = "mean",
     generator: torch.Generator | None = None,
     cuda_graphs: bool = True,
 ) -> Evaluation:
     """The lab's validation: frame 1 given, frames 2..L generated from the previous
     *generated* frame and the label, z from the prior (``generate``). ``samples > 1`` draws
-    that many sequences at once and keeps the one with the best mean PSNR (SVG's best-of-N).
+    that many sequences in one batched generation and reduces them: ``"mean"`` averages their
+    per-frame PSNR and MSE (an estimate of the expected PSNR, less noisy with every sample;
+    ``predictions`` is sample 0), ``"best"`` keeps the sequence with the best mean PSNR
+    (SVG's best-of-N, a different metric for every N; ``predictions`` is that sequence). With
+    one sample, or z = the prior mean, the two are the same.
 
     frames, labels: (L, 3, H, W) uint8 or [0, 1] floats.
     """
     _check_generation_latent(latent)
+    if reduce not in EVAL_REDUCES:
+        raise ValueError(f"reduce={reduce!r}; choose one of {EVAL_REDUCES}")
     truth = to_unit(frames.to(next(model.parameters()).device))  # (L, 3, H, W)
     sequences = generate(model, truth[0], labels, latent=latent, samples=samples,
                          generator=generator, cuda_graphs=cuda_graphs)  # (n, L, 3, H, W)
     psnrs = torch.stack([psnr_per_frame(s[1:], truth[1:]) for s in sequences])  # (n, L-1)
+    mses = (sequences[:, 1:] - truth[1:]).pow(2).flatten(2).mean(dim=2).double()  # (n, L-1)
+    if reduce == "mean":
+        return Evaluation(psnrs.mean(dim=0).cpu(), mses.mean(dim=0).cpu(),
+                          sequences[0].float().cpu())
     best = int(psnrs.mean(dim=1).argmax())
-    best_seq = sequences[best]
-    mse = (best_seq[1:] - truth[1:]).pow(2).flatten(1).mean(dim=1)
-    return Evaluation(psnrs[best].cpu(), mse.double().cpu(), best_seq.float().cpu())
+    return Evaluation(psnrs[best].cpu(), mses[best].cpu(), sequences[best].float().cpu())
 
 
 def copy_first_floor(frames: torch.Tensor) -> torch.Tensor:
@@ -480,6 +513,7 @@ class FitConfig:
     eval_every: int = 1
     eval_latent: LatentSource = "prior_sample"
     eval_samples: int = 1
+    eval_reduce: EvalReduce = "mean"  # how ``evaluate`` reduces the samples: "mean" | "best"
 
 
 class Hooks:
@@ -510,6 +544,7 @@ class FitState:
     optimizer: torch.optim.Optimizer
     data_generator: torch.Generator  # CPU: shuffling and teacher-forcing draws
     noise_generator: torch.Generator  # on the device: eps
+    seed: int  # the run's: seeds each evaluation's own noise (``evaluation_generator``)
     epoch: int = 0  # the next epoch to run
     best_val_psnr: float = -math.inf
     best_epoch: int = -1
@@ -524,6 +559,7 @@ class FitState:
             "optimizer": self.optimizer.state_dict(),
             "data_rng": self.data_generator.get_state(),
             "noise_rng": self.noise_generator.get_state().cpu(),
+            "seed": self.seed,
             "epoch": self.epoch,
             "best_val_psnr": self.best_val_psnr,
             "best_epoch": self.best_epoch,
@@ -536,6 +572,7 @@ class FitState:
         # Generator states must be CPU ByteTensors, whatever map_location the blob was read with.
         self.data_generator.set_state(blob["data_rng"].cpu())
         self.noise_generator.set_state(blob["noise_rng"].cpu())
+        self.seed = int(blob.get("seed", self.seed))  # checkpoints from before it: the run's
         self.epoch = int(blob["epoch"])
         self.best_val_psnr = float(blob["best_val_psnr"])
         self.best_epoch = int(blob["best_epoch"])
@@ -550,7 +587,7 @@ def new_fit_state(model: VideoCVAE, config: FitConfig, *, seed: int,
     noise_generator = torch.Generator(device=device).manual_seed(seed + 1_000_003)
     opt = make_optimizer(model.parameters(), kind=optimizer, lr=config.lr,
                          weight_decay=weight_decay)
-    return FitState(model, opt, data_generator, noise_generator)
+    return FitState(model, opt, data_generator, noise_generator, seed)
 
 
 def _draw(generator: torch.Generator, probability: float) -> bool:
@@ -614,7 +651,8 @@ def fit(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> FitState:
     """Train from ``state.epoch`` to ``config.epochs``, evaluating every ``eval_every`` epochs
-    and at the end. Logs per epoch: train/{loss,mse,kl,beta,tfr,lr} and val/{loss,psnr}.
+    and at the end. Logs per epoch: train/{loss,mse,kl,beta,tfr,lr}, and where it evaluates
+    val/{loss,psnr,psnr_prior_mean}.
 
     clips, clip_labels: (N, T, 3, H, W) uint8 (on the device already, or moved per batch);
     val_frames, val_labels: (L, 3, H, W) uint8. A batch size above the number of clips is
@@ -632,13 +670,19 @@ def finish_epoch(state: FitState, config: FitConfig, metrics: dict[str, float],
                  val_frames: torch.Tensor, val_labels: torch.Tensor, hooks: Hooks) -> None:
     """After ``state.epoch``'s training: evaluate when due (every ``eval_every`` epochs and at
     the end), track the best, advance the epoch, then log and call the epoch-end hook.
-    Shared by ``fit`` and the packed trainer so both keep the same bookkeeping."""
+    Shared by ``fit`` and the packed trainer so both keep the same bookkeeping.
+
+    An evaluation logs ``val/loss`` and ``val/psnr`` (``config``'s protocol), and
+    ``val/psnr_prior_mean``: z = the prior's mean, deterministic, one rollout more (none when
+    the protocol is the prior mean already)."""
     epoch = state.epoch
     if (epoch + 1) % config.eval_every == 0 or epoch == config.epochs - 1:
-        evaluation = evaluate(state.model, val_frames, val_labels, latent=config.eval_latent,
-                              samples=config.eval_samples, generator=state.noise_generator,
-                              cuda_graphs=config.cuda_graphs)
+        evaluation = evaluate_after(state, config, val_frames, val_labels, epoch=epoch)
         metrics["val/loss"], metrics["val/psnr"] = evaluation.loss, evaluation.psnr
+        prior_mean = evaluation if config.eval_latent == "prior_mean" else evaluate(
+            state.model, val_frames, val_labels, latent="prior_mean",
+            cuda_graphs=config.cuda_graphs)
+        metrics["val/psnr_prior_mean"] = prior_mean.psnr
         if evaluation.psnr > state.best_val_psnr:
             state.best_val_psnr, state.best_epoch = evaluation.psnr, epoch
         hooks.on_evaluation(epoch, evaluation)
@@ -646,3 +690,16 @@ def finish_epoch(state: FitState, config: FitConfig, metrics: dict[str, float],
     state.epoch = epoch + 1
     hooks.log_metrics(metrics, epoch)
     hooks.on_epoch_end(state)
+
+
+def evaluate_after(state: FitState, config: FitConfig, val_frames: torch.Tensor,
+                   val_labels: torch.Tensor, *, epoch: int) -> Evaluation:
+    """``config``'s evaluation of ``state.model`` after ``epoch``, with that evaluation's own
+    noise (``evaluation_generator(state.seed, epoch)``). ``finish_epoch`` and the runner's
+    final artifacts both evaluate through here, so the same epoch gives the same evaluation
+    wherever it is made."""
+    device = next(state.model.parameters()).device
+    return evaluate(state.model, val_frames, val_labels, latent=config.eval_latent,
+                    samples=config.eval_samples, reduce=config.eval_reduce,
+                    generator=evaluation_generator(state.seed, epoch, device),
+                    cuda_graphs=config.cuda_graphs)

@@ -13,10 +13,17 @@ import sys
 from dataclasses import replace
 
 from cvae.train import NonFiniteLossError
-from experiments.cli import Parser, add_common, guarded, resolve_profile_and_device, seed_arg
+from experiments.cli import (
+    Parser,
+    add_common,
+    guarded,
+    pin_threads,
+    resolve_profile_and_device,
+    seed_arg,
+)
 from experiments.registry import ABLATIONS, PROFILES, SPECS, list_specs, resolve
 from experiments.runner import RunContext, run_experiment
-from experiments.spec import ExperimentSpec, SpecError, parse_set, spec_hash, to_json
+from experiments.spec import ExperimentSpec, SpecError, flatten, parse_set, spec_hash, to_json
 from experiments.tracking import RunBusyError, mask_secrets
 
 
@@ -64,12 +71,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {ablation.name}: {', '.join(a.name for a in ablation.arms)}")
         return 0
     if args.command == "show":
-        spec = resolve(args.spec, profile=args.profile, epochs=args.epochs,
-                       overrides=parse_set(args.overrides))
+        overrides = parse_set(args.overrides)
+        spec = resolve(args.spec, profile=args.profile, epochs=args.epochs, overrides=overrides)
         print(to_json(spec))
         print(f"spec_hash: {spec_hash(spec)}", file=sys.stderr)
+        if args.profile is not None or args.epochs is not None:
+            chosen = flatten(resolve(args.spec, profile=None, overrides=overrides))
+            changed = [f"{k}={v} (spec: {chosen[k]})" for k, v in flatten(spec).items()
+                       if chosen.get(k) != v and k != "description"]
+            print(f"set by the profile {args.profile or 'full'}"
+                  + (f" and --epochs {args.epochs}" if args.epochs is not None else "")
+                  + f": {', '.join(changed) or 'nothing'}", file=sys.stderr)
         return 0
 
+    pin_threads(args.threads)
     profile, device = resolve_profile_and_device(args)
     base = resolve(args.spec, profile=profile, epochs=args.epochs, data=args.data,
                    overrides=parse_set(args.overrides))

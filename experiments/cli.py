@@ -106,6 +106,26 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def cpu_count() -> int:
+    """The cores this process may use (``taskset``/cgroup affinity), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def pin_threads(threads: int | None, *, share: int = 1) -> int:
+    """Pin torch's CPU threads: ``threads``, or this process's share of the cores (``share``
+    processes training at once: one thread each on a 2-core machine with 2 workers). Every
+    entry point calls it, as its worker processes do: torch's own default ignores the other
+    processes, and oversubscribed OpenMP threads crawl on a busy machine."""
+    import torch
+
+    count = threads or max(1, cpu_count() // max(1, share))
+    torch.set_num_threads(count)
+    return count
+
+
 def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=PROFILES, default=None,
                         help="smoke (seconds) | cpu (minutes) | full (the lab's scale); "
@@ -114,6 +134,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="default: cuda > mps > cpu")
     parser.add_argument("--data", default=None, metavar="PATH",
                         help="a lab-layout dataset folder (default: the synthetic dance data)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None, metavar="N",
+                        help="torch CPU threads of this process (default: the cores it may "
+                             "use; worker processes share them)")
 
 
 def resolve_profile_and_device(args: argparse.Namespace) -> tuple[str, str]:

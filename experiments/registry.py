@@ -315,21 +315,24 @@ def rescale_time(spec: ExperimentSpec, epochs: int,
 def apply_profile(spec: ExperimentSpec, profile: str, *, epochs: int | None = None,
                   keep: Collection[str] = ()) -> ExperimentSpec:
     """The spec as it runs under ``profile`` (``epochs`` overrides the profile's cap). ``keep``:
-    the keys chosen explicitly (``--set``, a spec file, a tuned value); the profile's
-    learning rate and the rescaled schedules (``rescale_time``) leave them as they are."""
+    the keys chosen explicitly (``--set``, a spec file, a tuned value): every one of them
+    stays as chosen (widths, ``train.epochs``, ``eval.every``, the learning rate, and the
+    schedules that ``rescale_time`` would rescale)."""
     if profile not in PROFILE_SETTINGS:
         raise SpecError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
     settings = PROFILE_SETTINGS[profile]
-    if settings.model:
-        spec = replace(spec, model=replace(spec.model, **settings.model))
+    widths = {k: v for k, v in settings.model.items() if f"model.{k}" not in keep}
+    if widths:
+        spec = replace(spec, model=replace(spec.model, **widths))
     if settings.lr is not None and "optim.lr" not in keep:
         spec = replace(spec, optim=replace(spec.optim, lr=settings.lr))
     target = epochs if epochs is not None else (
-        min(spec.train.epochs, settings.epochs) if settings.epochs else spec.train.epochs)
+        min(spec.train.epochs, settings.epochs)
+        if settings.epochs and "train.epochs" not in keep else spec.train.epochs)
     if target < 1:
         raise SpecError(f"--epochs={target} must be >= 1")
     spec = rescale_time(spec, target, keep)
-    if settings.eval_every:
+    if settings.eval_every and "eval.every" not in keep:
         spec = replace(spec, eval=replace(spec.eval, every=min(settings.eval_every, target)))
     return spec
 

@@ -65,7 +65,7 @@ from cvae.train import (
     Hooks,
     NonFiniteLossError,
     copy_first_floor,
-    evaluate,
+    evaluate_after,
     fit,
     new_fit_state,
 )
@@ -113,7 +113,7 @@ def fit_config(spec: ExperimentSpec) -> FitConfig:
         # CUDA graphs of each step on CUDA (same results, faster); CVAE_CUDA_GRAPHS=0: eager.
         cuda_graphs=os.environ.get("CVAE_CUDA_GRAPHS", "1") != "0",
         eval_every=spec.eval.every, eval_latent=spec.eval.latent,
-        eval_samples=spec.eval.samples,
+        eval_samples=spec.eval.samples, eval_reduce=spec.eval.reduce,
     )
 
 
@@ -162,23 +162,48 @@ class RunContext:
     label: str | None = None  # the run's name and progress label (default: ARM-sSEED)
 
 
+def duration(seconds: float) -> str:
+    """``42 s``, ``7 min``, ``2.5 h``: how long, for progress lines."""
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
+
+
 class _Progress:
-    """A tqdm bar per run (epoch, batches, ETA, loss, last val PSNR); silent off a terminal."""
+    """A run's progress: on a terminal a tqdm bar (epoch, ETA, loss, last val PSNR); else
+    (a log file, a pipe, a queue worker) one line per epoch, with the run's ETA."""
 
     def __init__(self, label: str, total_epochs: int, start_epoch: int, enabled: bool,
                  position: int = 0):
         from tqdm.auto import tqdm
 
+        self.label, self.total, self.epoch = label, total_epochs, start_epoch
+        self.started, self.first = time.monotonic(), start_epoch
         self.bar = tqdm(total=total_epochs, initial=start_epoch, desc=label, unit="epoch",
                         disable=not enabled, leave=True, dynamic_ncols=True,
                         position=position or None)
 
     def update(self, metrics: dict[str, float]) -> None:
+        self.epoch += 1
+        if self.bar.disable:
+            print(self.line(metrics), flush=True)
+            return
         post = {"loss": f"{metrics.get('train/loss', math.nan):.4g}"}
         if "val/psnr" in metrics:
             post["val_psnr"] = f"{metrics['val/psnr']:.2f}"
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
+
+    def line(self, metrics: dict[str, float]) -> str:
+        each = (time.monotonic() - self.started) / max(1, self.epoch - self.first)
+        parts = [f"[{self.label}] epoch {self.epoch}/{self.total}",
+                 f"train loss {metrics.get('train/loss', math.nan):.4g}",
+                 f"β {metrics.get('train/beta', math.nan):.3g}",
+                 f"tfr {metrics.get('train/tfr', math.nan):.2f}"]
+        if "val/psnr" in metrics:
+            parts.append(f"val PSNR {metrics['val/psnr']:.2f} dB")
+        parts += [f"{each:.1f} s/epoch", f"run ETA {duration(each * (self.total - self.epoch))}"]
+        return " · ".join(parts)
 
     def close(self) -> None:
         self.bar.close()
@@ -498,7 +523,6 @@ class _Member:
     """A run being trained: its MLflow run, its state and its hooks (run_experiment, run_pack)."""
 
     spec: ExperimentSpec
-    run_id: str
     label: str
     state: FitState
     workdir: Path
@@ -506,6 +530,10 @@ class _Member:
     bar: _Progress
     resumed_from: int
     claim: _Claim
+
+    @property
+    def run_id(self) -> str:
+        return self.claim.run_id
 
 
 def _prepare(client: Any, spec: ExperimentSpec, context: RunContext, device: str,
@@ -560,11 +588,11 @@ def _prepare(client: Any, spec: ExperimentSpec, context: RunContext, device: str
         if _storage_full(err):
             raise _storage_error(err, f"run {run_id} ({name})") from None
         raise
-    enabled = sys.stderr.isatty() if progress is None else progress
+    enabled = sys.stderr.isatty() if progress is None else progress  # else a line per epoch
     bar = _Progress(label, spec.train.epochs, state.epoch, enabled, position=position)
     hooks = MlflowHooks(client, run_id, workdir, already_logged=already, progress=bar,
                         extra=hooks, claim=claim)
-    return _Member(spec, run_id, label, state, workdir, hooks, bar, state.epoch, claim), data
+    return _Member(spec, label, state, workdir, hooks, bar, state.epoch, claim), data
 
 
 def _finish(client: Any, member: _Member, data: Data) -> RunOutcome:
@@ -573,9 +601,10 @@ def _finish(client: Any, member: _Member, data: Data) -> RunOutcome:
     state, spec = member.state, member.spec
     member.bar.close()
     member.claim.verify()
-    evaluation = member.hooks.last_evaluation or evaluate(
-        state.model, data.val_frames, data.val_labels, latent=spec.eval.latent,
-        samples=spec.eval.samples, generator=state.noise_generator)
+    # Resumed after its last epoch, a run has no evaluation in memory: the last epoch's is
+    # made again, with that epoch's own noise, so it is the one the run logged.
+    evaluation = member.hooks.last_evaluation or evaluate_after(
+        state, fit_config(spec), data.val_frames, data.val_labels, epoch=state.epoch - 1)
     _log_final_artifacts(client, member.run_id, spec, state, evaluation, data, member.workdir)
     client.set_tag(member.run_id, "best_val_psnr", f"{state.best_val_psnr:.6f}")
     client.set_tag(member.run_id, "best_epoch", str(state.best_epoch))
@@ -678,7 +707,7 @@ def run_pack(
     """
     from mlflow.tracking import MlflowClient
 
-    from cvae.packed import PackedNonFiniteLossError, PackedTrainer, fit_packed, packable
+    from cvae.packed import packable
 
     tracking.configure()
     client = MlflowClient()
@@ -697,31 +726,9 @@ def run_pack(
             else:
                 members[i] = prepared[0]
         for pack in _packs(members, packable):
-            states = [members[i].state for i in pack]
-            configs = [fit_config(members[i].spec) for i in pack]
-            failed: list[int] = []
-            errors: dict[int, NonFiniteLossError] = {}
-            if len(pack) == 1:
-                try:
-                    fit(states[0], data.clips, data.clip_labels, data.val_frames,
-                        data.val_labels, configs[0], hooks=members[pack[0]].hooks)
-                except NonFiniteLossError as err:
-                    failed, errors = [0], {0: err}
-            else:
-                print(f"packed: {', '.join(members[i].label for i in pack)} train together "
-                      f"from epoch {states[0].epoch}", flush=True)
-                try:
-                    fit_packed(PackedTrainer(states, configs), data.clips, data.clip_labels,
-                               data.val_frames, data.val_labels,
-                               hooks=[members[i].hooks for i in pack])
-                except PackedNonFiniteLossError as err:
-                    failed = err.members
-                    errors = {k: NonFiniteLossError(
-                        f"non-finite training loss at epoch {members[pack[k]].state.epoch} "
-                        "(trained in a pack)", epoch=members[pack[k]].state.epoch)
-                        for k in failed}
+            errors = _train_pack([members[i] for i in pack], data)
             for k, i in enumerate(pack):
-                if k in failed:
+                if k in errors:
                     _stop(client, members.pop(i), errors[k])
                     results[i] = errors[k]
                 else:  # removed once finished: a failing _finish leaves it to be stopped
@@ -734,6 +741,32 @@ def run_pack(
             raise _storage_error(err, "every unfinished run of the pack") from None
         raise
     return [r for r in results if r is not None]
+
+
+def _train_pack(pack: list[_Member], data: Data) -> dict[int, NonFiniteLossError]:
+    """Train the members of one pack (alone when there is one); the non-finite losses, by
+    position in the pack (the others trained to the end)."""
+    from cvae.packed import PackedNonFiniteLossError, PackedTrainer, fit_packed
+
+    states = [member.state for member in pack]
+    configs = [fit_config(member.spec) for member in pack]
+    if len(pack) == 1:
+        try:
+            fit(states[0], data.clips, data.clip_labels, data.val_frames, data.val_labels,
+                configs[0], hooks=pack[0].hooks)
+        except NonFiniteLossError as err:
+            return {0: err}
+        return {}
+    print(f"packed: {', '.join(member.label for member in pack)} train together from epoch "
+          f"{states[0].epoch}", flush=True)
+    try:
+        fit_packed(PackedTrainer(states, configs), data.clips, data.clip_labels,
+                   data.val_frames, data.val_labels, hooks=[member.hooks for member in pack])
+    except PackedNonFiniteLossError as err:
+        return {k: NonFiniteLossError(
+            f"non-finite training loss at epoch {pack[k].state.epoch} (trained in a pack)",
+            epoch=pack[k].state.epoch) for k in err.members}
+    return {}
 
 
 def _packs(members: dict[int, _Member], packable: Any) -> list[list[int]]:

@@ -20,7 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from cvae.model import OUTPUT_ACTIVATIONS, PRIOR_KINDS
 from cvae.schedules import KL_KINDS, ConstantKL, CyclicalKL, KLSchedule, MonotonicKL, TeacherForcing
-from cvae.train import LATENT_SOURCES, LR_SCHEDULES, OPTIMIZERS, PRECISIONS
+from cvae.train import EVAL_REDUCES, LATENT_SOURCES, LR_SCHEDULES, OPTIMIZERS, PRECISIONS
 
 
 class SpecError(ValueError):
@@ -127,15 +127,20 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """Validation every ``every`` epochs and always at the last one (``every`` above the
-    epochs: once, at the end)."""
+    """Validation: ``samples`` closed-loop rollouts with z from the prior (a sample, or its
+    mean), every ``every`` epochs and always at the last one (``every`` above the epochs:
+    once, at the end). ``reduce``: "mean" averages the samples' PSNR (the expected PSNR,
+    estimated with less noise the more samples), "best" keeps the best of them (SVG's
+    best-of-N; the lab's protocol is one sample, where the two agree)."""
 
     latent: Literal["prior_sample", "prior_mean"] = "prior_sample"
     samples: int = 1
     every: int = 1
+    reduce: Literal["mean", "best"] = "mean"
 
     def __post_init__(self) -> None:
         _choice(self.latent, "eval.latent", tuple(s for s in LATENT_SOURCES if s != "posterior"))
+        _choice(self.reduce, "eval.reduce", EVAL_REDUCES)
         if self.samples < 1:
             raise SpecError(f"eval.samples={self.samples} must be >= 1")
         if self.every < 1:
@@ -252,13 +257,19 @@ def from_json(text: str) -> ExperimentSpec:
 
 
 def spec_hash(spec: ExperimentSpec) -> str:
-    """Content hash of the science: everything but the seed, name and description. The
-    default precision (fp32) is left out, so specs from before that key keep their hash."""
+    """Content hash of the science: everything but the seed, name and description. Keys
+    added later are left out where they mean what specs from before them did, so those keep
+    their hash: the default precision (fp32), and ``eval.reduce`` unless it averages several
+    prior samples (one sample or the prior mean reduce alike; "best" is what came before)."""
     data = to_dict(spec)
     for key in TOP_LEVEL:
         data.pop(key, None)
     if data["train"].get("precision") == "fp32":
         del data["train"]["precision"]
+    evaluation = spec.eval
+    if not (evaluation.reduce == "mean" and evaluation.samples > 1
+            and evaluation.latent == "prior_sample"):
+        del data["eval"]["reduce"]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 

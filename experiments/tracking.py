@@ -280,18 +280,22 @@ def lease_is_live(tags: Mapping[str, str], timing: LeaseTiming) -> bool:
         return False
     if time.time() - beat > timing.grace:
         return False
-    host, _, pid = tags.get("lease_owner", "").rpartition(":")
-    return not (host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)))
+    return not owner_gone(tags.get("lease_owner", ""))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def owner_gone(owner: str) -> bool:
+    """Whether ``owner`` (``host:pid``) is a process of this host that no longer exists (a
+    killed worker): known at once, without waiting for its heartbeats to go stale."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
         return False
-    except PermissionError:  # another user's process
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
         return True
-    return True
+    except PermissionError:  # another user's process
+        return False
+    return False
 
 
 def lease_holder(tags: Mapping[str, str]) -> str:

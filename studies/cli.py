@@ -12,10 +12,19 @@ import sys
 import time
 from dataclasses import dataclass
 
-from experiments.cli import Parser, add_common, fail, guarded, resolve_profile_and_device, seed_arg
+from experiments.cli import (
+    Parser,
+    add_common,
+    fail,
+    guarded,
+    pin_threads,
+    resolve_profile_and_device,
+    seed_arg,
+)
 from experiments.registry import get_ablation
 from experiments.spec import SpecError
 from studies import queue
+from studies import storage as storages
 from studies.grid import Grid, StudyRun, pending, run_here
 
 
@@ -93,9 +102,10 @@ def build_parser(study: Study, prog: str) -> argparse.ArgumentParser:
         "several machines (an Optuna study as the work queue; see README)")
     several.add_argument("--storage", default=None, metavar="URL",
                          help="the shared queue: postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB "
-                              "(or sqlite:///PATH, PATH.log on one machine). Without --worker: "
-                              "create the MLflow experiment and parent run, queue the "
-                              "(arm, seed) pairs, wait for them and write the report")
+                              "(or sqlite:///PATH, PATH.log on one machine; default: "
+                              f"${storages.ENV_URL}, or the file ${storages.ENV_FILE}, if set). "
+                              "Without --worker: create the MLflow experiment and parent run, "
+                              "queue the (arm, seed) pairs, wait for them and write the report")
     several.add_argument("--worker", action="store_true",
                          help="take pairs from --storage's queue until none is left (the "
                               "study's settings come from the queue; set MLFLOW_TRACKING_URI "
@@ -104,10 +114,12 @@ def build_parser(study: Study, prog: str) -> argparse.ArgumentParser:
                          help="the Optuna study holding the queue (default: the study's name)")
     several.add_argument("--no-wait", dest="wait", action="store_false",
                          help="with --storage: return once the pairs are queued")
+    storages.add_flags(several)
     return parser
 
 
 def _check(args: argparse.Namespace) -> None:
+    args.storage = storages.given(args.storage)
     if args.pack is not None and args.pack < 1:
         raise SpecError(f"--pack={args.pack} must be >= 1 (1: no packing)")
     if args.jobs is not None and args.jobs < (0 if args.storage else 1):
@@ -133,9 +145,10 @@ def make_grid(study: Study, args: argparse.Namespace, profile: str) -> Grid:
 
 def run(grid: Grid, args: argparse.Namespace, device: str) -> StudyRun | None:
     """The grid through the queue (``--storage``, or several jobs here) or in this process."""
+    beats = storages.Beats(args.heartbeat, args.grace)
     if args.storage:
-        return queue.run_queued(grid, device=device, jobs=args.jobs or 0, storage=args.storage,
-                                name=args.queue_name, wait_for_it=args.wait)
+        return queue.run_queued(grid, queue.Queueing(args.storage, args.queue_name, args.wait,
+                                                     beats), device=device, jobs=args.jobs or 0)
     todo = pending(grid)
     pack = args.pack if args.pack is not None else default_pack(device)
     jobs = args.jobs if args.jobs is not None else (
@@ -144,7 +157,9 @@ def run(grid: Grid, args: argparse.Namespace, device: str) -> StudyRun | None:
         raise SpecError(f"--jobs {jobs} and --pack {pack}: choose one (packs train in this "
                         "process)")
     if jobs > 1 and todo > 1:
-        return queue.run_queued(grid, device=device, jobs=min(jobs, todo))
+        return queue.run_queued(grid, queue.Queueing(beats=beats), device=device,
+                                jobs=min(jobs, todo))
+    pin_threads(args.threads)
     return run_here(grid, device=device, pack=pack)
 
 
@@ -158,7 +173,8 @@ def run_cli(study: Study, argv: list[str] | None = None) -> int:
         _check(args)
         if args.worker:
             name = args.queue_name or _variant(study, args)[0]  # the rest comes from the queue
-            worker = queue.run_worker(args.storage, name, device=args.device)
+            worker = queue.run_worker(args.storage, name, device=args.device,
+                                      beats=storages.Beats(args.heartbeat, args.grace))
             return 1 if worker.failed else 0
         profile, device = resolve_profile_and_device(args)
         grid = make_grid(study, args, profile)

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 from cvae.train import NonFiniteLossError
 from experiments import tracking
 from experiments.registry import Ablation, Arm, resolve
-from experiments.runner import RunContext, RunOutcome, run_pack
+from experiments.runner import RunContext, RunOutcome, duration, run_pack
 from experiments.spec import ExperimentSpec, SpecError, spec_hash
 from experiments.tracking import RunBusyError
 from studies import results
@@ -222,7 +222,7 @@ def run_here(grid: Grid, *, device: str, pack: int = 1,
           f"runs, profile {grid.profile}, {grid.epochs_each} epochs, device {device}{packs}; "
           f"experiment {study.experiment_id}, parent run {study.parent_run_id}", flush=True)
     data: dict[Any, Any] = {}
-    status = "FAILED"
+    status, started, trained = "FAILED", time.monotonic(), 0
     try:
         for start in range(0, len(runs), pack):
             by_data: dict[Any, list[int]] = {}  # a pack trains on one dataset
@@ -234,8 +234,9 @@ def run_here(grid: Grid, *, device: str, pack: int = 1,
                     print(f"{_label(grid, i)}: start", flush=True)
                 if todo and spec_data not in data:
                     data[spec_data] = load_data(spec_data, grid.profile)
-                _run_pack(grid, client, study, indices, device=device,
-                          data=data.get(spec_data), progress=progress)
+                trained += _run_pack(grid, client, study, indices, device=device,
+                                     data=data.get(spec_data), progress=progress)
+            _progress_line(grid, min(start + pack, len(runs)), trained, started)
         status = "FAILED" if study.failures else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -246,9 +247,18 @@ def run_here(grid: Grid, *, device: str, pack: int = 1,
     return study
 
 
+def _progress_line(grid: Grid, done: int, trained: int, started: float) -> None:
+    """``[study] 3/6 runs · 12 min · study ETA 12 min`` (from the runs trained here)."""
+    elapsed = time.monotonic() - started
+    left = len(grid.runs) - done
+    eta = f" · study ETA {duration(elapsed / trained * left)}" if trained and left else ""
+    print(f"[{grid.study}] {done}/{len(grid.runs)} runs · {duration(elapsed)}{eta}", flush=True)
+
+
 def _run_pack(grid: Grid, client: Any, study: StudyRun, indices: list[int], *, device: str,
-              data: Any, progress: bool | None) -> None:
-    """The grid's runs at ``indices`` as one pack (alone when there is one), recorded."""
+              data: Any, progress: bool | None) -> int:
+    """The grid's runs at ``indices`` as one pack (alone when there is one), recorded;
+    returns how many trained here (not reused)."""
     runs = [grid.runs[i] for i in indices]
     started = time.monotonic()
     outcomes = run_pack([run.spec for run in runs],
@@ -259,6 +269,7 @@ def _run_pack(grid: Grid, client: Any, study: StudyRun, indices: list[int], *, d
         f" (pack of {len(runs)})" if len(runs) > 1 else "")
     for index, run, outcome in zip(indices, runs, outcomes, strict=True):
         record(client, study, _label(grid, index), run, outcome, how)
+    return sum(not getattr(outcome, "skipped", False) for outcome in outcomes)
 
 
 def _label(grid: Grid, index: int) -> str:

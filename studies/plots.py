@@ -18,6 +18,7 @@ throughout) has nothing to draw: ``flat_note`` says so and the caller skips the 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,60 +138,83 @@ def _legend(fig, ax, title: str) -> None:
                title_fontsize=9, frameon=False)
 
 
-def draw_epoch_curve(metrics: pd.DataFrame, *, metric: str, title: str, ylabel: str,
-                     subtitle: str = "", note: str = "", hue: str = "arm",
-                     hue_order: Sequence[str] | None = None, col: str | None = None,
-                     col_order: Sequence[str] | None = None, log_y: bool = False,
-                     floor: float | None = None, floor_label: str = "copy first frame",
-                     ylim: tuple[float, float] | None = None) -> Any:
-    """The figure of ``metric`` per epoch, one line per ``hue`` value: the mean over its runs
-    with a band (see the module docstring; under ``subtitle`` a line says which, after
-    ``note``, e.g. how the metric is sampled); optional
-    small multiples by ``col`` and a dashed horizontal ``floor``. Each line also gets its own
-    marker and dashes, so curves that coincide (e.g. identical β schedules) stay visible.
-    ``log_y`` takes effect only when the values span at least a decade."""
+@dataclass(frozen=True)
+class Curve:
+    """What an epoch figure draws and how it is labelled."""
+
+    metric: str
+    title: str
+    ylabel: str
+    subtitle: str = ""
+    note: str = ""  # before the band's line, e.g. how the metric is sampled
+    log_y: bool = False  # taken only when the values span at least a decade
+    floor: float | None = None  # a dashed horizontal line: the copy-first-frame floor
+    ylim: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Lines:
+    """The column whose values are the lines (``hue``) and, optionally, the one whose values
+    are small multiples (``col``), each in its order (default: sorted)."""
+
+    hue: str = "arm"
+    hue_order: Sequence[str] | None = None
+    col: str | None = None
+    col_order: Sequence[str] | None = None
+
+
+def draw_epoch_curve(metrics: pd.DataFrame, curve: Curve, lines: Lines = Lines()) -> Any:
+    """The figure of ``curve.metric`` per epoch, one line per ``lines.hue`` value: the mean
+    over its runs with a band (see the module docstring; under the subtitle a line says
+    which). Each line also gets its own marker and dashes, so curves that coincide (e.g.
+    identical β schedules) stay visible."""
     plt, sns = _pyplot()
-    data = metrics[metrics["metric"] == metric]
+    data = metrics[metrics["metric"] == curve.metric]
     if data.empty:
-        raise ValueError(f"no rows for metric {metric!r}")
-    order = list(hue_order) if hue_order else sorted(data[hue].unique())
-    order = [h for h in order if h in set(data[hue])]
-    cols = list(col_order) if col_order else (sorted(data[col].unique()) if col else [None])
+        raise ValueError(f"no rows for metric {curve.metric!r}")
+    hue, col = lines.hue, lines.col
+    order = [h for h in (lines.hue_order or sorted(data[hue].unique())) if h in set(data[hue])]
+    cols = list(lines.col_order or (sorted(data[col].unique()) if col else [None]))
     fig, axes = plt.subplots(1, len(cols), figsize=(8 + 3.6 * (len(cols) - 1), 4.6),
                              sharey=True, squeeze=False, layout="constrained")
-    epochs = np.sort(data["epoch"].unique())
-    log_y = log_y and uses_log_axis(data["value"].to_numpy())
-    keys = [k for k in (hue, col, "epoch") if k is not None]
-    band, band_line = _band(data, keys, hue, log=log_y)
-    ylabel = f"{ylabel} (log scale)" if log_y else ylabel
+    log_y = curve.log_y and uses_log_axis(data["value"].to_numpy())
+    band, band_line = _band(data, [k for k in (hue, col, "epoch") if k is not None], hue,
+                            log=log_y)
     for ax, value in zip(axes[0], cols, strict=True):
         part = data if value is None else data[data[col] == value]
         sns.lineplot(data=part, x="epoch", y="value", hue=hue, hue_order=order, style=hue,
                      style_order=order, markers=True, dashes=True, markersize=6, ax=ax,
                      **band)
-        if floor is not None:
-            ax.axhline(floor, color="0.35", ls=(0, (4, 2)), lw=1.2,
-                       label=f"{floor_label} ({floor:.2f} dB)")
+        _epoch_axes(ax, curve, np.sort(data["epoch"].unique()), log_y=log_y)
         if value is not None:
             ax.set_title(f"{col} = {value}", fontsize=10)
-        ax.set_xlabel("epoch (0-based, the MLflow step)")
-        ax.set_ylabel(ylabel)
-        if log_y:
-            ax.set_yscale("log")
-        if ylim is not None:
-            ax.set_ylim(*ylim)
-        if len(epochs) <= 20:
-            ax.set_xticks(epochs)
         if ax is not axes[0][-1] and ax.get_legend() is not None:
             ax.get_legend().remove()
     _legend(fig, axes[0][-1], hue)
-    _titles(fig, title, subtitle, f"{note}; {band_line}" if note else band_line)
+    _titles(fig, curve.title, curve.subtitle,
+            f"{curve.note}; {band_line}" if curve.note else band_line)
     return fig
 
 
-def epoch_curve(metrics: pd.DataFrame, *, path: str | Path, **options: Any) -> Path:
+def _epoch_axes(ax: Any, curve: Curve, epochs: np.ndarray, *, log_y: bool) -> None:
+    """The floor line, axis labels, scale, limits and epoch ticks of one panel."""
+    if curve.floor is not None:
+        ax.axhline(curve.floor, color="0.35", ls=(0, (4, 2)), lw=1.2,
+                   label=f"copy first frame ({curve.floor:.2f} dB)")
+    ax.set_xlabel("epoch (0-based, the MLflow step)")
+    ax.set_ylabel(f"{curve.ylabel} (log scale)" if log_y else curve.ylabel)
+    if log_y:
+        ax.set_yscale("log")
+    if curve.ylim is not None:
+        ax.set_ylim(*curve.ylim)
+    if len(epochs) <= 20:
+        ax.set_xticks(epochs)
+
+
+def epoch_curve(metrics: pd.DataFrame, curve: Curve, lines: Lines = Lines(), *,
+                path: str | Path) -> Path:
     """``draw_epoch_curve`` saved as a PNG at ``path``."""
-    return _save(draw_epoch_curve(metrics, **options), Path(path))
+    return _save(draw_epoch_curve(metrics, curve, lines), Path(path))
 
 
 def draw_psnr_per_frame(per_frame: pd.DataFrame, *, title: str, subtitle: str = "",

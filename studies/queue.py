@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,9 +42,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cvae.train import FitState, Hooks, NonFiniteLossError
 from experiments import tracking
-from experiments.cli import Parser, guarded, int_at_least, seed_arg
+from experiments.cli import Parser, cpu_count, guarded, int_at_least, pin_threads, seed_arg
 from experiments.registry import ABLATIONS, PROFILES, Arm, get_ablation
-from experiments.runner import DEVICES, RunOutcome, pick_device, run_experiment
+from experiments.runner import DEVICES, RunOutcome, duration, pick_device, run_experiment
 from experiments.spec import ExperimentSpec, SpecError
 from experiments.tracking import RunBusyError, first_line
 from studies import storage as storages
@@ -90,17 +90,17 @@ def read_queue(url: str, study: optuna.Study) -> Queue:
     return Queue(url, study, grid, attrs["experiment_id"], attrs["parent_run_id"])
 
 
-def load_queue(url: str, name: str, **storage_options: Any) -> Queue:
+def load_queue(url: str, name: str, beats: storages.Beats | None = None) -> Queue:
     """The queue for the commands that use one but never create it (``worker``, ``status``):
     a SQLite or journal file that does not exist is an error, not created, and so is a study
-    that is not a queue; ``storage_options`` go to ``studies.storage.open_storage``."""
+    that is not a queue. ``beats``: open it with heartbeats and retries."""
     storages.check_url(url)
     nothing = f"no study {name!r} in {tracking.mask_secrets(url)}"
     hint = "create it with `python -m studies.queue coordinate`"
     path = storages.storage_file(url)
     if path is not None and not path.is_file():
         raise SpecError(f"{nothing} (no file {path}); {hint}")
-    storage = storages.open_storage(url, **storage_options)
+    storage = beating_storage(url, beats) if beats else storages.open_storage(url)
     with storages.storage_errors(url):
         try:
             study = optuna.load_study(study_name=name, storage=storage)
@@ -109,12 +109,14 @@ def load_queue(url: str, name: str, **storage_options: Any) -> Queue:
         return read_queue(url, study)
 
 
-def coordinate(url: str, name: str, grid: Grid, *, read_data: bool = False) -> Queue:
+def coordinate(url: str, name: str, grid: Grid, *, read_data: bool = False,
+               beats: storages.Beats = storages.DEFAULT_BEATS) -> Queue:
     """Create the MLflow experiment and the parent run once (the studies' own, so a queue and
     ``python -m studies.<name>`` of one configuration share it and its report), then enqueue
     each (arm, seed) once, however many coordinators run at once. A dataset folder is read
     here first: bad data fails before anything exists; the synthetic data too when
-    ``read_data`` (workers start on this machine: its cache is made once)."""
+    ``read_data`` (workers start on this machine: its cache is made once). The queue comes
+    back with ``beats``: a coordinator that waits fails and retries dead workers' pairs."""
     from experiments.data import load_data
     from studies.grid import open_study
 
@@ -126,7 +128,7 @@ def coordinate(url: str, name: str, grid: Grid, *, read_data: bool = False) -> Q
     wanted = {"ablation": grid.ablation.name, "profile": grid.profile, "epochs": grid.epochs,
               "data": grid.data}
     with storages.exclusive(url):
-        storage = storages.open_storage(url)
+        storage = beating_storage(url, beats)
         with storages.storage_errors(url):
             study = optuna.create_study(storage=storage, study_name=name,
                                         direction="maximize", load_if_exists=True)
@@ -225,7 +227,8 @@ def wait(queue: Queue, *, workers: Sequence[subprocess.Popen] = (), poll: float 
     worker's trial is failed here after the grace period. Returns the pair counts by state."""
     from tqdm.auto import tqdm
 
-    study, url = queue.study, queue.url
+    study, url, started = queue.study, queue.url, time.monotonic()
+    retry = LoggedRetry(me=me(), max_retry=storages.MAX_RETRY)
     enabled = sys.stderr.isatty() if progress is None else progress
     total = queue.grid.epochs_each * len(pair_list(study))
     bar = tqdm(total=total, desc=study.study_name, unit="epoch", disable=not enabled,
@@ -236,13 +239,14 @@ def wait(queue: Queue, *, workers: Sequence[subprocess.Popen] = (), poll: float 
             with storages.storage_errors(url):
                 if not workers:
                     optuna.storages.fail_stale_trials(study)
+                requeue_dead(study, retry)
                 counts, done = pair_states(study), epochs_done(study)
             bar.update(max(0, min(done, total) - bar.n))
             bar.set_postfix(running=counts["running"], waiting=counts["waiting"],
                             complete=counts["complete"], refresh=False)
             if not enabled and counts_line(counts) != last:
                 last = counts_line(counts)
-                say(f"study {study.study_name}: {last}")
+                say(f"study {study.study_name}: {last}{_eta(done, total, started)}")
             if counts["waiting"] == 0 and counts["running"] == 0:
                 return counts
             if workers and all(w.poll() is not None for w in workers):
@@ -250,6 +254,15 @@ def wait(queue: Queue, *, workers: Sequence[subprocess.Popen] = (), poll: float 
             time.sleep(poll)
     finally:
         bar.close()
+
+
+def _eta(done: int, total: int, started: float) -> str:
+    """`` · 40% of the epochs · study ETA 9 min`` from the epochs done since ``started``."""
+    if not (0 < done < total):
+        return ""
+    elapsed = time.monotonic() - started
+    return (f" · {done / total:.0%} of the epochs · study ETA "
+            f"{duration(elapsed / done * (total - done))}")
 
 
 def pair_list(study: optuna.Study) -> set[tuple[str, int]]:
@@ -261,10 +274,14 @@ def pair_list(study: optuna.Study) -> set[tuple[str, int]]:
 # ---------------------------------------------------------------------------------------------
 class Heartbeat:
     """Beats for one trial on a thread while it runs (``Study.optimize`` does this itself;
-    the ask/tell style used here must do it)."""
+    the ask/tell style used here must do it). Each beat also runs ``check``: the look for
+    dead workers' trials, so that a worker busy with a long pair still puts a dead one's back
+    in the queue within about grace + heartbeat (at once for a process of this host)."""
 
-    def __init__(self, storage: BaseStorage, trial_id: int, interval: int | None):
+    def __init__(self, storage: BaseStorage, trial_id: int, interval: int | None,
+                 check: Callable[[], None] | None = None):
         self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self.check = check
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True, name="heartbeat")
 
@@ -282,6 +299,8 @@ class Heartbeat:
         while not self.stop.wait(self.interval):
             try:
                 self.storage.record_heartbeat(self.trial_id)
+                if self.check is not None:
+                    self.check()
             except Exception as err:  # noqa: BLE001  (a database blip: the next beat retries)
                 say(f"heartbeat for trial id {self.trial_id} failed: {first_line(err)}")
 
@@ -312,6 +331,35 @@ class LoggedRetry(RetryHeartbeatStaleTrialCallback):
 
 def me() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def dead_here(study: optuna.Study, **attrs: Any) -> list[FrozenTrial]:
+    """RUNNING trials whose worker was a process of this host that is gone (SIGKILL): found
+    at once, heartbeats or not (a journal has none), given the user ``attrs`` and failed
+    here (not those another process failed first)."""
+    found = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if tracking.owner_gone(trial.user_attrs.get("worker", "")):
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                for key, value in {"stop_reason": "its worker process is gone", **attrs}.items():
+                    study._storage.set_trial_user_attr(trial._trial_id, key, value)
+                if study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                    found.append(study._storage.get_trial(trial._trial_id))
+    return found
+
+
+def requeue_dead(study: optuna.Study, retry: LoggedRetry) -> None:
+    """Each pair whose worker here was killed goes back in the queue (its run resumes)."""
+    for trial in dead_here(study):
+        retry.requeue(study, trial, "lost its worker process (killed)")
+
+
+def beating_storage(url: str, beats: storages.Beats) -> BaseStorage:
+    """``url``'s storage with heartbeats, stale checks and retries (a journal has none)."""
+    if storages.is_journal(url):
+        return storages.open_storage(url)
+    return storages.open_storage(url, heartbeat=beats.heartbeat, grace=beats.grace,
+                                 on_stale=LoggedRetry(me=me(), max_retry=beats.max_retry))
 
 
 def pop_waiting(study: optuna.Study, *, heartbeat: bool = False) -> int | None:
@@ -396,14 +444,19 @@ class Worker:
         study = self.queue.study
         while True:
             with storages.storage_errors(self.url):
-                optuna.storages.fail_stale_trials(study)
+                self.look()
                 trial_id = pop_waiting(study, heartbeat=bool(self.heartbeat))
                 if trial_id is None:
-                    if linger and self.heartbeat and pair_states(study)["running"] > 0:
+                    if linger and pair_states(study)["running"] > 0:
                         time.sleep(poll)
                         continue
                     return
             self.run(trial_id)
+
+    def look(self) -> None:
+        """Dead workers' pairs back in the queue: stale heartbeats, processes here gone."""
+        optuna.storages.fail_stale_trials(self.queue.study)
+        requeue_dead(self.queue.study, self.retry)
 
     def run(self, trial_id: int) -> None:
         """One pair: a complete trial carries the final val PSNR; a non-finite loss is a
@@ -419,7 +472,7 @@ class Worker:
         again = f" (retry of trial {origin})" if origin is not None else ""
         say(f"worker {me()}: trial {trial.number}: {name} seed {seed}{again}")
         started = time.monotonic()
-        with Heartbeat(study._storage, trial_id, self.heartbeat), \
+        with Heartbeat(study._storage, trial_id, self.heartbeat, self.look), \
                 requeue_on_error(study, trial, self.retry):
             try:
                 trial.set_user_attr("worker", me())
@@ -466,8 +519,7 @@ class Worker:
 
 
 def run_worker(url: str, name: str, *, device: str | None = None,
-               heartbeat: int | None = storages.HEARTBEAT, grace: int = storages.GRACE,
-               max_retry: int | None = storages.MAX_RETRY, linger: bool = True,
+               beats: storages.Beats = storages.DEFAULT_BEATS, linger: bool = True,
                poll: float = 2.0) -> Worker:
     """Serve the queue ``name`` until it is empty; the plan (ablation, profile, epochs, MLflow
     experiment and parent run) comes from the queue. Journals have no heartbeats."""
@@ -476,9 +528,9 @@ def run_worker(url: str, name: str, *, device: str | None = None,
     from experiments.data import load_data
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per resume
-    beats = None if storages.is_journal(url) else heartbeat
-    retry = LoggedRetry(me=me(), max_retry=max_retry)
-    queue = load_queue(url, name, heartbeat=beats, grace=grace, on_stale=retry)
+    queue = load_queue(url, name, beats)
+    heartbeat = None if storages.is_journal(url) else beats.heartbeat
+    retry = LoggedRetry(me=me(), max_retry=beats.max_retry)
     device = pick_device(device)
     tracking.configure()
     _require_experiment(MlflowClient(), queue.experiment_id, queue.grid.study)
@@ -488,8 +540,8 @@ def run_worker(url: str, name: str, *, device: str | None = None,
         if spec.data not in data:
             data[spec.data] = load_data(spec.data, queue.grid.profile)
     say(f"worker {me()}: study {name} ({queue.grid.ablation.name}, profile "
-        f"{queue.grid.profile}) on {device}; heartbeat {beats or 'off'}")
-    worker = Worker(url, queue, device, data, beats, retry)
+        f"{queue.grid.profile}) on {device}; heartbeat {heartbeat or 'off'}")
+    worker = Worker(url, queue, device, data, heartbeat, retry)
     worker.serve(linger=linger, poll=poll)
     with storages.storage_errors(url):
         counts = pair_states(queue.study)
@@ -520,23 +572,26 @@ def _require_experiment(client: Any, experiment_id: str, name: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Worker processes on this machine (the study commands and studies.tune)
 # ---------------------------------------------------------------------------------------------
-def cpu_count() -> int:
-    """The cores this process may use (``taskset``/cgroup affinity), not the machine's."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 @contextlib.contextmanager
-def workers(module: str, argv: Sequence[Sequence[str]], *,
-            threads: int) -> Iterator[list[subprocess.Popen]]:
-    """``python -m MODULE ARGV[i]`` for each i, with ``threads`` torch threads each and this
-    process's tracking store; on any exception (Ctrl-C reached them too) they are terminated
+def workers(module: str, argv: Sequence[Sequence[str]], *, threads: int,
+            storage: str) -> Iterator[list[subprocess.Popen]]:
+    """``python -m MODULE ARGV[i]`` for each i, with ``threads`` torch threads each, this
+    process's tracking store, and the ``storage`` URL in their environment (never on a command
+    line: ``ps`` shows those to every user). Their output goes through this process, above
+    its progress bar. On any exception (Ctrl-C reached them too) they are terminated
     (SIGTERM: each ends its run KILLED, resumable) before it propagates."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
-           "OMP_NUM_THREADS": str(threads), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    procs = [subprocess.Popen([sys.executable, "-m", module, *args], env=env) for args in argv]
+           "OMP_NUM_THREADS": str(threads), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+           storages.ENV_URL: storage}
+    env.pop(storages.ENV_FILE, None)
+    procs = [subprocess.Popen([sys.executable, "-m", module, *args], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1)
+             for args in argv]
+    relays = [threading.Thread(target=_relay, args=(stream, out), daemon=True)
+              for proc in procs for stream, out in ((proc.stdout, sys.stdout),
+                                                    (proc.stderr, sys.stderr))]
+    for relay in relays:
+        relay.start()
     try:
         yield procs
         for proc in procs:
@@ -548,39 +603,57 @@ def workers(module: str, argv: Sequence[Sequence[str]], *,
         for proc in procs:
             proc.wait()
         raise
+    finally:
+        for relay in relays:
+            relay.join(timeout=5)
 
 
-def run_queued(grid: Grid, *, device: str, jobs: int, storage: str | None = None,
-               name: str | None = None, wait_for_it: bool = True,
+def _relay(stream: Any, out: Any) -> None:
+    """A worker's lines, printed above this process's progress bar (``tqdm.write``)."""
+    from tqdm.auto import tqdm
+
+    for line in stream:
+        tqdm.write(line.rstrip("\n"), file=out)
+
+
+@dataclass(frozen=True)
+class Queueing:
+    """How a study uses a work queue: ``storage`` None is a private journal file, removed at
+    the end (several processes on this machine); a URL is a shared queue (PostgreSQL for
+    several machines). ``wait`` off: return once the pairs are queued."""
+
+    storage: str | None = None
+    name: str | None = None  # the Optuna study (default: the study's name)
+    wait: bool = True
+    beats: storages.Beats = storages.DEFAULT_BEATS
+
+
+def run_queued(grid: Grid, how: Queueing, *, device: str, jobs: int,
                progress: bool | None = None) -> StudyRun | None:
-    """Run the grid through a work queue with ``jobs`` worker processes here.
-
-    ``storage`` None: a private journal file, removed at the end (several processes on one
-    machine). Otherwise the shared queue (PostgreSQL for several machines): other machines'
-    workers (``--storage URL --worker``) take pairs too; ``jobs`` 0 leaves all the work to
-    them. Returns None when ``wait_for_it`` is off (the pairs are queued, nobody waits).
-    """
+    """Run the grid through a work queue with ``jobs`` worker processes here; other
+    machines' workers (``--worker`` with the same storage) take pairs too, and ``jobs`` 0
+    leaves all the work to them. Returns None when ``how.wait`` is off."""
     import tempfile
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    name = name or grid.study
+    name = how.name or grid.study
     with contextlib.ExitStack() as stack:
-        own = storage is None
+        own = how.storage is None
         url = f"{stack.enter_context(tempfile.TemporaryDirectory(prefix='cvae-queue-'))}" \
-              "/queue.log" if own else storage
-        queue = coordinate(url, name, grid, read_data=jobs > 0)
-        if not wait_for_it:
+              "/queue.log" if own else how.storage
+        queue = coordinate(url, name, grid, read_data=jobs > 0, beats=how.beats)
+        if not how.wait:
             return None
         threads = max(1, cpu_count() // max(jobs, 1)) if device == "cpu" else 1
         if jobs > 0:
             say(f"{grid.study}: {jobs} worker process(es) here, {threads} thread(s) each")
         elif not own:
             say(f"{grid.study}: waiting for workers: on each machine, this command with "
-                f"--worker (the same --storage {url})")
-        argv = [["worker", "--storage", url, "--study", name, "--device", device,
-                 "--threads", str(threads)]] * jobs
+                f"--worker (the same storage, in ${storages.ENV_URL})")
+        argv = [["worker", "--study", name, "--device", device, "--threads", str(threads),
+                 "--heartbeat", str(how.beats.heartbeat), "--grace", str(how.beats.grace)]]
         try:
-            with workers("studies.queue", argv, threads=threads) as procs:
+            with workers("studies.queue", argv * jobs, threads=threads, storage=url) as procs:
                 # Our own queue: once its workers have exited nobody else will take a pair.
                 # A shared one: workers elsewhere may, so only the queue's counts say.
                 counts = wait(queue, workers=procs if own else (), progress=progress)
@@ -634,9 +707,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 metavar="{coordinate,worker,status}", parser_class=Parser)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--storage", required=True, metavar="URL",
+        p.add_argument("--storage", default=None, metavar="URL",
                        help="Optuna storage: postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB, "
-                            "sqlite:///PATH, or a journal file PATH.journal or PATH.log")
+                            "sqlite:///PATH, or a journal file PATH.journal or PATH.log "
+                            f"(default: ${storages.ENV_URL}, or the file ${storages.ENV_FILE})")
         p.add_argument("--study", required=True, metavar="NAME",
                        help="the Optuna study, also the MLflow experiment and `study` tag")
 
@@ -662,20 +736,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(p_work)
     p_work.add_argument("--device", choices=DEVICES, default=None,
                         help="default: cuda > mps > cpu")
-    p_work.add_argument("--heartbeat", type=_positive_int, default=storages.HEARTBEAT,
-                        metavar="SECONDS",
-                        help=f"heartbeat interval (default: {storages.HEARTBEAT})")
-    p_work.add_argument("--grace", type=_positive_int, default=storages.GRACE,
-                        metavar="SECONDS",
-                        help="a running trial without a heartbeat this long is failed and "
-                             f"retried (default: {storages.GRACE})")
+    storages.add_flags(p_work)
     p_work.add_argument("--max-retry", type=int, default=storages.MAX_RETRY,
                         help=f"retries of a pair whose worker died (default: "
                              f"{storages.MAX_RETRY})")
     p_work.add_argument("--poll", type=float, default=2.0,
                         help="seconds between looks while others run (default: 2)")
     p_work.add_argument("--threads", type=_positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice, all cores)")
+                        help="torch CPU threads (default: the cores this process may use)")
     p_work.add_argument("--no-linger", dest="linger", action="store_false",
                         help="exit as soon as nothing is waiting, instead of staying until "
                              "the pairs running elsewhere are done (to take over a dead "
@@ -689,27 +757,26 @@ def build_parser() -> argparse.ArgumentParser:
 @guarded
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    url = storages.given(args.storage)
+    if url is None:
+        raise SpecError(f"give --storage URL, or set ${storages.ENV_URL} (or "
+                        f"${storages.ENV_FILE}, a file only you can read)")
     if args.command == "coordinate":
         grid = Grid(args.study, get_ablation(args.ablation), tuple(args.seeds), args.profile,
                     epochs=args.epochs, data=args.data, doc=__doc__)
-        queue = coordinate(args.storage, args.study, grid)
+        queue = coordinate(url, args.study, grid)
         if not args.wait:
             return 0
         counts = wait(queue, poll=args.poll, progress=False)
         close_parent(queue.study, queue.parent_run_id)
         return 1 if counts["failed"] else 0
     if args.command == "worker":
-        if args.grace <= args.heartbeat:
-            raise SpecError(f"--grace {args.grace} must exceed --heartbeat {args.heartbeat}")
-        if args.threads is not None:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        worker = run_worker(args.storage, args.study, device=args.device,
-                            heartbeat=args.heartbeat, grace=args.grace,
-                            max_retry=args.max_retry, linger=args.linger, poll=args.poll)
+        beats = storages.Beats(args.heartbeat, args.grace, args.max_retry)
+        pin_threads(args.threads)
+        worker = run_worker(url, args.study, device=args.device, beats=beats,
+                            linger=args.linger, poll=args.poll)
         return 1 if worker.failed else 0
-    print(status_table(args.storage, args.study))
+    print(status_table(url, args.study))
     return 0
 
 

@@ -108,43 +108,39 @@ def write_figures(results: StudyResults, out_dir: Path, *, client: Any) -> list[
     run and epoch (the KL study's teacher-forcing ratio: 0) gets no figure: a line on stdout
     says so, and an earlier drawing of it is removed."""
     meta, metrics = results.meta, results.metrics
-    hue = "group" if meta.grouped else "arm"
-    hue_order = meta.groups if meta.grouped else meta.arms
-    by_hue = {"hue": hue, "hue_order": hue_order}
-    grouped = {"col": "group", "col_order": meta.groups} if meta.grouped else {}
+    lines = plots.Lines("group", meta.groups) if meta.grouped else plots.Lines("arm", meta.arms)
+    by_arm = plots.Lines("arm", meta.arms, *(("group", meta.groups) if meta.grouped else ()))
     floor = metrics.loc[metrics["metric"] == "val/psnr_copy_first", "value"]
-    figures = {  # file: metric and drawing options
-        "beta.png": ("train/beta", dict(
-            hue="arm", hue_order=meta.arms, **grouped,
-            title="KL weight β per epoch (report Fig. 1)", ylabel="β (KL weight)",
-            subtitle=_subtitle(results), note="β at each epoch's last batch")),
-        "teacher_forcing.png": ("train/tfr", dict(
-            **by_hue, title="Teacher-forcing ratio per epoch (report Fig. 2)",
-            ylabel="teacher-forcing ratio (probability)", ylim=(-0.04, 1.04),
-            subtitle=_subtitle(results))),
-        "train_loss.png": ("train/loss", dict(
-            **by_hue, log_y=True, title="Training loss per epoch (report Table 1 / Fig. 3)",
-            ylabel=r"train loss per clip: $\sum_t$ (MSE + β·KL)",
-            subtitle=_subtitle(results))),
-        "val_loss.png": ("val/loss", dict(
-            **by_hue, log_y=True, title="Validation loss per epoch (report Table 1 / Fig. 3)",
-            ylabel="val loss: per-frame MSE, pixels in [0, 1]", subtitle=_subtitle(results))),
-        "val_psnr.png": ("val/psnr", dict(
-            **by_hue, floor=float(floor.mean()) if len(floor) else None,
-            title="Validation PSNR per epoch (closed-loop generation, z from the prior)",
-            ylabel="val PSNR (dB), mean over frames", subtitle=_subtitle(results))),
+    subtitle = _subtitle(results)
+    figures = {  # file: what to draw, and its lines
+        "beta.png": (plots.Curve("train/beta", "KL weight β per epoch (report Fig. 1)",
+                                 "β (KL weight)", subtitle,
+                                 note="β at each epoch's last batch"), by_arm),
+        "teacher_forcing.png": (plots.Curve(
+            "train/tfr", "Teacher-forcing ratio per epoch (report Fig. 2)",
+            "teacher-forcing ratio (probability)", subtitle, ylim=(-0.04, 1.04)), lines),
+        "train_loss.png": (plots.Curve(
+            "train/loss", "Training loss per epoch (report Table 1 / Fig. 3)",
+            r"train loss per clip: $\sum_t$ (MSE + β·KL)", subtitle, log_y=True), lines),
+        "val_loss.png": (plots.Curve(
+            "val/loss", "Validation loss per epoch (report Table 1 / Fig. 3)",
+            "val loss: per-frame MSE, pixels in [0, 1]", subtitle, log_y=True), lines),
+        "val_psnr.png": (plots.Curve(
+            "val/psnr", "Validation PSNR per epoch (closed-loop generation, z from the prior)",
+            "val PSNR (dB), mean over frames", subtitle,
+            floor=float(floor.mean()) if len(floor) else None), lines),
     }
     files = []
     available = set(metrics["metric"])
-    for name, (metric, options) in figures.items():
-        if metric not in available:
+    for name, (curve, curve_lines) in figures.items():
+        if curve.metric not in available:
             continue
-        flat = plots.flat_note(metrics, metric)
+        flat = plots.flat_note(metrics, curve.metric)
         if flat is not None:
             (out_dir / name).unlink(missing_ok=True)
             print(f"{meta.study}: no {name}: {flat}", flush=True)
             continue
-        files.append(plots.epoch_curve(metrics, metric=metric, path=out_dir / name, **options))
+        files.append(plots.epoch_curve(metrics, curve, curve_lines, path=out_dir / name))
     if not results.per_frame.empty:
         files.append(plots.psnr_per_frame(
             results.per_frame, path=out_dir / "psnr_per_frame.png", hue="arm",

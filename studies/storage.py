@@ -4,6 +4,10 @@
 - Kinds: a database URL (``postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB`` for several
   machines, ``sqlite:///PATH`` on one) or a journal file ``PATH.journal`` / ``PATH.log``
   (several processes on one machine; no heartbeats). A bare ``PATH.db`` means SQLite.
+- Without ``--storage``, the URL comes from ``$CVAE_STORAGE``, or from the file that
+  ``$CVAE_STORAGE_FILE`` names (readable by its owner only), so that no password needs a
+  command line (where ``ps`` shows it to every user); worker processes started here get it
+  through their environment.
 - A missing SQLite or journal folder is created by the commands that create a study; the
   commands that only read one (``queue worker``, ``queue status``) refuse a missing file.
 - Heartbeats (database storages only): a running trial beats every ``HEARTBEAT`` seconds; one
@@ -17,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import os
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +51,57 @@ def is_journal(text: str) -> bool:
     return "://" not in text and text.endswith(JOURNAL_SUFFIXES)
 
 
+ENV_URL, ENV_FILE = "CVAE_STORAGE", "CVAE_STORAGE_FILE"
+
+
+@dataclass(frozen=True)
+class Beats:
+    """The heartbeat policy of the processes that take trials (database storages only)."""
+
+    heartbeat: int = HEARTBEAT  # seconds between a running trial's beats
+    grace: int = GRACE  # seconds of silence after which a trial is failed and retried
+    max_retry: int | None = MAX_RETRY  # retries of a trial whose process died
+
+    def __post_init__(self) -> None:
+        if self.heartbeat < 1 or self.grace <= self.heartbeat:
+            raise SpecError(f"--grace {self.grace} must exceed --heartbeat {self.heartbeat} "
+                            "(both in seconds, >= 1)")
+
+
+DEFAULT_BEATS = Beats()
+
+
+def add_flags(parser: Any) -> None:
+    """``--heartbeat`` and ``--grace``, as every command that takes trials has them."""
+    parser.add_argument("--heartbeat", type=int, default=HEARTBEAT, metavar="SECONDS",
+                        help=f"a running trial's heartbeat interval (default: {HEARTBEAT})")
+    parser.add_argument("--grace", type=int, default=GRACE, metavar="SECONDS",
+                        help="a running trial without a heartbeat this long is failed and "
+                             f"retried (default: {GRACE})")
+
+
+def given(text: str | None) -> str | None:
+    """The storage the user chose: ``--storage`` (``text``), else the environment's, else
+    None. An empty one, or a URL file others can read, is a one-line ``SpecError``."""
+    if text is None:
+        text = os.environ.get(ENV_URL) or None
+    if text is None and os.environ.get(ENV_FILE):
+        path = Path(os.environ[ENV_FILE]).expanduser()
+        try:
+            if path.stat().st_mode & 0o077:
+                raise SpecError(f"${ENV_FILE} {path} can be read by other users: "
+                                f"chmod 600 {path}")
+            text = path.read_text().strip()
+        except OSError as err:
+            raise SpecError(f"${ENV_FILE} {path}: {err.strerror or err}") from None
+    if text is not None and not text.strip():
+        raise SpecError("--storage is empty: give a database URL or a journal file")
+    return text
+
+
 def storage_url(text: str | None) -> str:
-    """The storage as given (default ``DEFAULT_STORAGE``), a bare ``.db`` path as SQLite."""
-    text = text or DEFAULT_STORAGE
+    """The storage chosen (``given``) or ``DEFAULT_STORAGE``, a bare ``.db`` path as SQLite."""
+    text = given(text) or DEFAULT_STORAGE
     if "://" not in text and text.endswith((".db", ".sqlite", ".sqlite3")):
         return f"sqlite:///{text}"
     return text

@@ -56,7 +56,15 @@ from optuna.trial import TrialState
 
 from cvae.train import NonFiniteLossError
 from experiments import tracking
-from experiments.cli import Parser, add_common, guarded, resolve_profile_and_device, seed_arg
+from experiments.cli import (
+    Parser,
+    add_common,
+    cpu_count,
+    guarded,
+    pin_threads,
+    resolve_profile_and_device,
+    seed_arg,
+)
 from experiments.registry import (
     SPECS,
     Ablation,
@@ -103,8 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "report (the coordinating command writes it)")
     parser.add_argument("--arm", default=None, metavar="ARM",
                         help="with --per-arm --worker: join only this arm's study")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--rerun-seeds", type=seed_arg, nargs="+", default=None, metavar="SEED",
                         help="rerun the best settings over these seeds (default with --per-arm: "
                              "three seeds the trials did not train with, 1 2 3 for specs of "
@@ -120,9 +126,7 @@ def open_job_study(job: tuning.StudyJob, *, worker: int = 0) -> optuna.Study:
     """The job's study (created, or resumed if it is about the same thing), with heartbeats
     and retries on a database storage and a sampler seeded for this worker."""
     search = job.search
-    storage = storages.open_storage(
-        job.storage, heartbeat=_heartbeat(job), grace=storages.GRACE,
-        on_stale=queue.LoggedRetry(me=queue.me(), max_retry=storages.MAX_RETRY))
+    storage = queue.beating_storage(job.storage, storages.DEFAULT_BEATS)
     sampler = tuning.make_sampler(search.sampler, seed=search.seed, n_trials=search.n_trials)
     with storages.storage_errors(job.storage):
         study = tuning.open_study(storage, job.study_name, sampler=sampler,
@@ -150,7 +154,18 @@ def claim(study: optuna.Study, n_trials: int) -> optuna.Trial | None:
         return None
     with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": we beat
         warnings.simplefilter("ignore")
-        return study.ask()
+        trial = study.ask()
+    trial.set_user_attr("worker", queue.me())
+    return trial
+
+
+def retry_dead(study: optuna.Study) -> None:
+    """Trials whose process here was killed: interrupted, and enqueued again with the same
+    settings, so that their MLflow runs resume (at once, heartbeats or not)."""
+    for trial in queue.dead_here(study, interrupted=True):
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        print(f"[{study.study_name}] trial {trial.number}: its process is gone; enqueued again "
+              "with the same settings (its run resumes)", flush=True)
 
 
 def take_trials(job: tuning.StudyJob, study: optuna.Study, *, data: Any,
@@ -164,6 +179,7 @@ def take_trials(job: tuning.StudyJob, study: optuna.Study, *, data: Any,
     while job.search.timeout is None or time.monotonic() - started < job.search.timeout:
         with storages.exclusive(job.storage), storages.storage_errors(job.storage):
             optuna.storages.fail_stale_trials(study)
+            retry_dead(study)
             trial = claim(study, job.search.n_trials)
             running = tuning.counts(study)["RUNNING"]
         if trial is None and linger and running:
@@ -175,7 +191,8 @@ def take_trials(job: tuning.StudyJob, study: optuna.Study, *, data: Any,
             continue
         if trial is None:
             break
-        with queue.Heartbeat(study._storage, trial._trial_id, _heartbeat(job)):
+        with queue.Heartbeat(study._storage, trial._trial_id, _heartbeat(job),
+                             lambda: (optuna.storages.fail_stale_trials(study), retry_dead(study))):
             state, value = _run_objective(study, trial, objective)
         queue.tell(study, trial, state, value)
         tuning.print_trial(study, study._storage.get_trial(trial._trial_id))
@@ -268,7 +285,9 @@ def tune_study(job: tuning.StudyJob, *, workers: int, data: Any, root: str) -> S
     from mlflow.tracking import MlflowClient
 
     study = open_job_study(job)
-    plan = tuning.plan_trials(study, job.search.n_trials)
+    with storages.exclusive(job.storage), storages.storage_errors(job.storage):
+        retry_dead(study)  # a killed earlier command's trials: their runs resume
+        plan = tuning.plan_trials(study, job.search.n_trials)
     tracking.configure()
     client = MlflowClient()
     job.experiment_id = tracking.get_or_create_experiment(job.grid.study)
@@ -301,9 +320,10 @@ def tune_study(job: tuning.StudyJob, *, workers: int, data: Any, root: str) -> S
 def _run_workers(job: tuning.StudyJob, workers: int) -> int:
     """``workers`` ``--worker`` processes of this very command (``job.argv``), sharing the
     cores; returns how many exited with an error."""
-    threads = max(1, queue.cpu_count() // workers)  # no oversubscription of the cores
-    argv = [*job.argv, "--storage", job.storage, "--worker", "--threads", str(threads)]
-    with queue.workers("studies.tune", [argv] * workers, threads=threads) as procs:
+    threads = max(1, cpu_count() // workers)  # no oversubscription of the cores
+    argv = [*job.argv, "--worker", "--threads", str(threads)]
+    with queue.workers("studies.tune", [argv] * workers, threads=threads,
+                       storage=job.storage) as procs:
         pass
     for i, proc in enumerate(procs):
         if proc.returncode != 0:
@@ -479,8 +499,9 @@ def best_per_arm_table(args: argparse.Namespace, name: str, ablation: Ablation,
 # Command line
 # ---------------------------------------------------------------------------------------------
 def _check_args(args: argparse.Namespace) -> None:
+    args.storage = storages.given(args.storage)
     for flag, value, low in (("--n-trials", args.n_trials, 1), ("--workers", args.workers, 1),
-                             ("--epochs", args.epochs, 1), ("--threads", args.threads, 1)):
+                             ("--epochs", args.epochs, 1)):
         if value is not None and value < low:
             raise SpecError(f"{flag}={value} must be >= {low}")
     if args.timeout is not None and args.timeout <= 0:
@@ -517,8 +538,7 @@ def make_jobs(args: argparse.Namespace, argv: list[str], *, profile: str, device
     epochs = grids[0].epochs_each
     name = args.study_name or f"{args.per_arm or grids[0].runs[0].spec.name}-{profile}-{epochs}ep"
     table = tuning.load_spec(args.spec)[1] if args.spec else {}
-    worker_argv = [a for i, a in enumerate(argv) if a != "--workers"
-                   and not a.startswith("--workers=") and (i == 0 or argv[i - 1] != "--workers")]
+    worker_argv = without(argv, "--workers", "--storage")  # the storage: in the environment
     return [tuning.StudyJob(
         study_name=f"{name}-{grid.chosen[0].name}" if args.per_arm else name,
         grid=replace(grid, study=f"tune-{name}"),
@@ -527,6 +547,16 @@ def make_jobs(args: argparse.Namespace, argv: list[str], *, profile: str, device
         argv=(*worker_argv, "--profile", profile, "--device", device,
               *(("--arm", grid.chosen[0].name) if args.per_arm else ())))
         for grid in grids]
+
+
+def without(argv: list[str], *flags: str) -> list[str]:
+    """``argv`` less each of ``flags`` and its value (``--flag V`` or ``--flag=V``)."""
+    out, skip = [], False
+    for arg in argv:
+        if not skip and arg.split("=")[0] not in flags:
+            out.append(arg)
+        skip = not skip and arg in flags
+    return out
 
 
 def _load_data(jobs: list[tuning.StudyJob], *, here: bool) -> dict[Any, Any]:
@@ -549,10 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     profile, device = resolve_profile_and_device(args)
     storage = storages.storage_url(args.storage)
     storages.check_url(storage)

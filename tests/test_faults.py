@@ -67,6 +67,51 @@ def wait_for_epoch(client: MlflowClient, experiment: str, *, timeout: float = 30
 
 
 # ---------------------------------------------------------------------------------------------
+# A killed tuning command, rerun
+# ---------------------------------------------------------------------------------------------
+def test_a_killed_tuning_command_leaves_nothing_running_once_rerun(tracking_store, tmp_path):
+    """SIGKILL mid-trial leaves the trial and its MLflow run RUNNING (a journal has no
+    heartbeats). The same command again finds the trial's process gone at once, enqueues the
+    trial again with the same settings, resumes its run into the same id, and ends with
+    every run closed."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    (tmp_path / "tiny.toml").write_text('base = "report_final"\nname = "tiny"\n[data]\n'
+                                        "clip_len = 4\npartial = 0.25\n")
+    journal = tmp_path / "tune.journal"
+    command = [sys.executable, "-m", "studies.tune", "--spec", str(tmp_path / "tiny.toml"),
+               "--n-trials", "2", "--profile", "smoke", "--epochs", "4", "--storage",
+               str(journal), "--study-name", "killed", "--pruner", "none", "--sampler",
+               "random"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    client = MlflowClient()
+    try:
+        run_id = wait_for_epoch(client, "tune-killed")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    again = subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True,
+                           text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "its process is gone" in again.stdout and f"resuming run {run_id}" in again.stdout
+    experiment = client.get_experiment_by_name("tune-killed").experiment_id
+    statuses = {r.info.run_id: r.info.status for r in client.search_runs([experiment])}
+    assert "RUNNING" not in statuses.values(), statuses
+    assert statuses[run_id] == "FINISHED"
+    study = optuna.load_study(study_name="killed",
+                              storage=JournalStorage(JournalFileBackend(str(journal))))
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]  # the killed one, then its retry
+    (killed,) = [t for t in study.trials if t.state.name == "FAIL"]
+    assert killed.user_attrs["interrupted"] is True
+
+
+# ---------------------------------------------------------------------------------------------
 # A killed queue worker, restarted
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow  # ~2.5 min on 2 cores; test_distributed covers kill + retry + resume in CI

@@ -71,11 +71,11 @@ def test_a_metric_with_one_value_everywhere_gets_no_figure(tmp_path, capsys):
 
 def test_no_band_where_the_runs_of_a_line_agree():
     metrics = _metrics(_study_metrics)
-    beta = plots.draw_epoch_curve(metrics, metric="train/beta", title="β", ylabel="β")
+    beta = plots.draw_epoch_curve(metrics, plots.Curve("train/beta", "β", "β"))
     assert not _bands(beta)  # β is the same for every seed of an arm
     assert "no band: the runs of each arm have the same value at every epoch" \
         in beta._suptitle.get_text()
-    psnr = plots.draw_epoch_curve(metrics, metric="val/psnr", title="psnr", ylabel="dB")
+    psnr = plots.draw_epoch_curve(metrics, plots.Curve("val/psnr", "psnr", "dB"))
     assert len(_bands(psnr)) == len(ARMS)
     assert "band: ± 1 sd across 2 seeds" in psnr._suptitle.get_text()
 
@@ -84,8 +84,8 @@ def test_log_axis_bands_are_geometric_and_stay_positive():
     # At epoch 3 the seeds' losses are 0.01 and 10: the arithmetic mean - sd is below 0.
     metrics = _metrics(lambda arm, seed, epoch: {
         "train/loss": (0.01 if seed == 0 else 10.0) if epoch == 3 else 10.0 ** (1 - epoch)})
-    fig = plots.draw_epoch_curve(metrics, metric="train/loss", title="loss", ylabel="loss",
-                                 log_y=True)
+    fig = plots.draw_epoch_curve(metrics, plots.Curve("train/loss", "loss", "loss",
+                                                           log_y=True))
     ax = fig.axes[0]
     assert ax.get_yscale() == "log"
     assert "line: geometric mean; band: ×/÷ 1 geometric sd (mean ± 1 sd of log10 values)" \
@@ -135,8 +135,8 @@ def test_a_model_below_the_floor_shows_both():
 
 
 def test_epoch_figures_keep_their_legend_off_the_data():
-    fig = plots.draw_epoch_curve(_metrics(_study_metrics), metric="val/psnr", title="psnr",
-                                 ylabel="dB", floor=17.5)
+    fig = plots.draw_epoch_curve(_metrics(_study_metrics),
+                                 plots.Curve("val/psnr", "psnr", "dB", floor=17.5))
     _no_overlap(fig)
 
 

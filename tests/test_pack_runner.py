@@ -10,7 +10,8 @@ import cvae.packed
 from studies import kl_ablation
 
 SMOKE = ["--profile", "smoke", "--epochs", "2", "--device", "cpu", "--seeds", "0", "--jobs", "1"]
-KEYS = ["train/loss", "train/mse", "train/kl", "train/beta", "val/psnr", "val/loss"]
+KEYS = ["train/loss", "train/mse", "train/kl", "train/beta", "val/psnr", "val/loss",
+        "val/psnr_prior_mean"]
 
 
 def _histories(client: MlflowClient) -> dict[str, dict[str, list[tuple[int, float]]]]:

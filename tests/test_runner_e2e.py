@@ -14,7 +14,7 @@ from conftest import cli_env, run_cli
 from mlflow.tracking import MlflowClient
 
 EPOCH_METRICS = ["train/loss", "train/mse", "train/kl", "train/beta", "train/tfr", "train/lr",
-                 "val/loss", "val/psnr"]
+                 "val/loss", "val/psnr", "val/psnr_prior_mean"]
 
 
 def _runs(client: MlflowClient, study: str = "runs"):

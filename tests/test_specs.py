@@ -75,6 +75,35 @@ def test_precision_changes_the_hash_only_when_not_the_default():
     assert flatten(bf16)["train.precision"] == "bf16"
 
 
+def test_reduce_changes_the_hash_only_where_it_averages_several_samples():
+    """eval.reduce arrived after runs were stored: where it means what came before (one
+    sample, the prior mean, or "best", the old best-of-N), specs keep their hashes; the mean
+    of several samples is another metric and gets its own."""
+    base = SPECS["kl_cyclical"]
+    assert base.eval.samples == 1
+    for reduce in ("mean", "best"):
+        one = apply_overrides(base, {"eval.reduce": reduce})
+        assert spec_hash(one) == "af3cd956cb83"
+        prior_mean = apply_overrides(base, {"eval.reduce": reduce, "eval.samples": "4",
+                                            "eval.latent": "prior_mean"})
+        assert spec_hash(prior_mean) == spec_hash(apply_overrides(
+            base, {"eval.samples": "4", "eval.latent": "prior_mean", "eval.reduce": "best"}))
+    best_of_4 = apply_overrides(base, {"eval.samples": "4", "eval.reduce": "best"})
+    mean_of_4 = apply_overrides(base, {"eval.samples": "4", "eval.reduce": "mean"})
+    assert spec_hash(best_of_4) == "9869d918e6cf"  # eval.samples=4 before eval.reduce existed
+    assert spec_hash(mean_of_4) not in (spec_hash(best_of_4), spec_hash(base))
+    assert flatten(mean_of_4)["eval.reduce"] == "mean"
+
+
+def test_every_profile_evaluates_one_prior_sample():
+    """The default evaluation, chosen from the measured noise (README, Evaluation noise): one
+    prior sample at every profile, the lab's protocol, for lab_template and every arm."""
+    for name, spec in SPECS.items():
+        for profile in ("smoke", "cpu", "full"):
+            evaluation = apply_profile(spec, profile).eval
+            assert (evaluation.latent, evaluation.samples) == ("prior_sample", 1), (name, profile)
+
+
 def test_json_round_trip_and_flatten():
     for spec in SPECS.values():
         assert from_json(to_json(spec)) == spec
@@ -93,6 +122,7 @@ def test_json_round_trip_and_flatten():
     ("teacher_forcing.ratio", "2", "must be in [0, 1]"),
     ("optim.kind", "sgd", "choose one of: adam, adamw"),
     ("train.precision", "fp16", "choose one of: fp32, bf16"),
+    ("eval.reduce", "median", "eval.reduce='median' is not valid; choose one of: mean, best"),
     ("train.epochs", "ten", "is not an integer"),
     ("optim.lr", "fast", "is not a number"),
     ("optim.lrr", "1", "unknown key 'optim.lrr'; valid keys:"),
@@ -271,3 +301,44 @@ def test_profile_keeps_schedule_values_the_user_chose(tmp_path):
     from_file = resolved(str(path), [], "cpu")
     assert (from_file.kl.cycles, from_file.teacher_forcing.decay_start) == (3, 2)
     assert from_file.teacher_forcing.decay_step == rescaled.teacher_forcing.decay_step
+
+
+# Every key a profile rewrites, with a value no profile gives it.
+EXPLICIT = {"model.frame_dim": 24, "model.label_dim": 6, "model.latent_dim": 5,
+            "model.decoder_dim": 40, "model.encoder_width": 3, "optim.lr": 7e-4,
+            "train.epochs": 5, "eval.every": 3, "kl.cycles": 3,
+            "teacher_forcing.decay_start": 1, "teacher_forcing.decay_step": 0.3,
+            "lr_schedule.milestones": (1, 3)}
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "full"])
+@pytest.mark.parametrize("key", sorted(EXPLICIT))
+def test_an_explicit_value_survives_every_profile(profile, key):
+    """A value the user sets (--set, a spec file, a tuned value) runs as written at every
+    profile; the profile still sets what the user did not choose."""
+    value = EXPLICIT[key]
+    spec = resolve("tfr_decay", profile=profile, overrides={key: value})
+    assert flatten(spec)[key] == (list(value) if isinstance(value, tuple) else value)
+    untouched = resolve("tfr_decay", profile=profile)
+    others = {k: v for k, v in flatten(untouched).items() if k not in (key, "description")}
+    if key != "train.epochs":  # a run's length moves the schedules it rescales
+        assert {k: flatten(spec)[k] for k in others} == others
+
+
+def test_explicit_values_from_a_spec_file_survive_the_profile(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('base = "kl_cyclical"\n[model]\nframe_dim = 24\n[train]\nepochs = 5\n'
+                    "[eval]\nevery = 3\n")
+    spec = resolve(str(path), profile="cpu")
+    assert (spec.model.frame_dim, spec.train.epochs, spec.eval.every) == (24, 5, 3)
+    assert spec.model.decoder_dim == 32  # the profile's, not chosen in the file
+
+
+def test_show_says_which_values_came_from_the_profile(capsys):
+    from experiments.__main__ import main
+
+    assert main(["show", "kl_cyclical", "--profile", "cpu", "--set", "model.frame_dim=64"]) == 0
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("set by the profile cpu"))
+    assert "model.decoder_dim=32 (spec: 192)" in line and "optim.lr=0.002" in line
+    assert "frame_dim" not in line

@@ -100,3 +100,49 @@ def test_a_tuning_study_is_not_taken_for_a_queue(tracking_store, tmp_path, capsy
     for text in ("'tuned'", "not a work queue", "studies.tune", "report_final"):
         assert text in line, (text, line)
     assert Path(journal).stat().st_size > 0 and all_runs() == []
+
+
+def test_worker_processes_get_the_storage_in_their_environment_not_argv(capsys):
+    """``ps`` shows every process's command line to every user: a coordinator hands its
+    workers the storage URL (and its password) through their environment."""
+    url = "postgresql+psycopg2://cvae:hunter2-secret@127.0.0.1:1/optuna"
+    with queue.workers("studies.queue", [["status", "--study", "q"]], threads=1,
+                       storage=url) as procs:
+        pid = procs[0].pid
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert b"studies.queue status --study q" in cmdline
+    assert b"hunter2" not in cmdline
+    assert f"{storages.ENV_URL}={url}".encode() in environ
+    assert procs[0].returncode == 2  # unreachable: one line, the password masked
+    err = capsys.readouterr().err
+    assert "cvae:***@127.0.0.1" in err and "hunter2" not in err
+
+
+@pytest.mark.parametrize("variable", ["CVAE_STORAGE", "CVAE_STORAGE_FILE"])
+def test_the_storage_can_come_from_the_environment(tracking_store, tmp_path, capsys,
+                                                   monkeypatch, variable):
+    journal = str(tmp_path / "queue.journal")
+    if variable == "CVAE_STORAGE_FILE":
+        secret = tmp_path / "storage.url"
+        secret.write_text(journal + "\n")
+        secret.chmod(0o644)
+        monkeypatch.setenv(variable, str(secret))
+        assert queue.main(["status", "--study", "q"]) == 2
+        assert "can be read by other users: chmod 600" in error_line(capsys)
+        secret.chmod(0o600)
+    else:
+        monkeypatch.setenv(variable, journal)
+    assert queue.main(["coordinate", "--study", "q", "--ablation", "kl", "--seeds", "0",
+                       *SMOKE]) == 0
+    assert queue.main(["status", "--study", "q"]) == 0
+    assert "0/3 complete" in capsys.readouterr().out
+
+
+def test_no_storage_anywhere_and_an_empty_one_are_one_line(tracking_store, capsys, monkeypatch):
+    monkeypatch.delenv("CVAE_STORAGE", raising=False)
+    monkeypatch.delenv("CVAE_STORAGE_FILE", raising=False)
+    assert queue.main(["status", "--study", "q"]) == 2
+    assert "give --storage URL, or set $CVAE_STORAGE" in error_line(capsys)
+    assert queue.main(["status", "--study", "q", "--storage", ""]) == 2
+    assert "--storage is empty" in error_line(capsys)

@@ -1,5 +1,6 @@
 """The training loop on tiny CPU data: determinism, exact resume, learning, failure paths,
-best-of-N evaluation and the learned prior."""
+evaluation (best-of-N, the mean of N, the prior mean, its own noise stream) and the learned
+prior."""
 
 import copy
 import math
@@ -8,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import cvae.train
 from cvae.checkpoints import load_training_checkpoint, save_training_checkpoint
 from cvae.data import DatasetError
 from cvae.metrics import psnr_per_frame
@@ -20,6 +22,8 @@ from cvae.train import (
     NonFiniteLossError,
     copy_first_floor,
     evaluate,
+    evaluate_after,
+    evaluation_generator,
     fit,
     generate,
     new_fit_state,
@@ -248,7 +252,7 @@ def test_eval_every_beyond_the_epochs_evaluates_once_at_the_last_epoch():
 
 
 # ---------------------------------------------------------------------------------------------
-# (e) evaluation: best-of-N and the deterministic prior mean
+# (e) evaluation: best-of-N, the mean of N and the deterministic prior mean
 # ---------------------------------------------------------------------------------------------
 def _sample_by_hand(model: VideoCVAE, frames, labels, eps_steps, index):
     """Sample ``index`` of a batched prior rollout, one frame at a time with its own eps."""
@@ -262,27 +266,46 @@ def _sample_by_hand(model: VideoCVAE, frames, labels, eps_steps, index):
     return torch.stack(outputs)
 
 
-def test_best_of_samples_is_the_best_of_the_individual_samples():
+def _evaluated_and_by_hand(reduce: str, *, seed: int = 7, n: int = 3):
+    """``evaluate`` of n prior samples from ``manual_seed(seed)``, and the same n samples made
+    one at a time (step t of the batch draws eps of shape (n, N, H, W)); and the truth."""
     _, _, frames, labels = DATA
     model = build(0).model.eval()
-    seed, n = 7, 3
-    result = evaluate(model, frames, labels, latent="prior_sample", samples=n,
+    result = evaluate(model, frames, labels, latent="prior_sample", samples=n, reduce=reduce,
                       generator=torch.Generator().manual_seed(seed))
-    # The same generator state, replayed: step t draws eps of shape (n, N, H, W).
     replay = torch.Generator().manual_seed(seed)
     eps_steps = [torch.randn((n, DIMS["latent_dim"], H, W), generator=replay)
                  for _ in range(frames.shape[0] - 1)]
     singles = [_sample_by_hand(model, frames, labels, eps_steps, k) for k in range(n)]
-    truth = to_unit(frames)
+    return result, singles, to_unit(frames)
+
+
+def test_best_of_samples_is_the_best_of_the_individual_samples():
+    result, singles, truth = _evaluated_and_by_hand("best")
     single_psnrs = [float(psnr_per_frame(s[1:], truth[1:]).mean()) for s in singles]
     assert max(single_psnrs) - min(single_psnrs) > 1e-3  # the samples do differ
     for value in single_psnrs:
         assert result.psnr >= value - 1e-6
-    best = max(range(n), key=single_psnrs.__getitem__)
+    best = max(range(len(singles)), key=single_psnrs.__getitem__)
     assert result.psnr == pytest.approx(single_psnrs[best], abs=1e-6)
     torch.testing.assert_close(result.predictions, singles[best], atol=1e-5, rtol=0)
-    assert result.psnr_per_frame.shape == (frames.shape[0] - 1,)
+    assert result.psnr_per_frame.shape == (truth.shape[0] - 1,)
     assert torch.equal(result.predictions[0], truth[0])
+
+
+def test_mean_of_samples_averages_the_individual_samples():
+    """reduce="mean": PSNR and MSE per frame averaged over the samples; predictions = sample 0."""
+    result, singles, truth = _evaluated_and_by_hand("mean")
+    psnrs = torch.stack([psnr_per_frame(s[1:], truth[1:]) for s in singles])  # (n, L-1)
+    mses = torch.stack([(s[1:] - truth[1:]).pow(2).flatten(1).mean(dim=1) for s in singles])
+    assert float(psnrs.mean(dim=1).max() - psnrs.mean(dim=1).min()) > 1e-3  # they differ
+    torch.testing.assert_close(result.psnr_per_frame, psnrs.mean(dim=0), atol=1e-5, rtol=0)
+    assert result.psnr == pytest.approx(float(psnrs.mean()), abs=1e-6)
+    assert result.loss == pytest.approx(float(mses.double().mean()), rel=1e-5)
+    torch.testing.assert_close(result.predictions, singles[0], atol=1e-5, rtol=0)
+    _, _, frames, labels = DATA
+    with pytest.raises(ValueError, match="reduce='median'"):
+        evaluate(build(0).model, frames, labels, reduce="median")
 
 
 def test_prior_mean_is_deterministic_and_draws_no_noise():
@@ -306,7 +329,95 @@ def test_prior_mean_is_deterministic_and_draws_no_noise():
 
 
 # ---------------------------------------------------------------------------------------------
-# (f) learned prior
+# (f) evaluation's own noise stream, and the prior-mean metric
+# ---------------------------------------------------------------------------------------------
+def _train_metrics(log):
+    return [(step, {k: v for k, v in m.items() if k.startswith("train/")}) for step, m in log]
+
+
+def test_evaluating_more_or_less_often_leaves_training_bit_for_bit():
+    """Evaluation draws from a stream of its own, so how often a run evaluates (and with how
+    many samples) changes nothing in training: every epoch's training loss is the same."""
+    logs, states = [], []
+    for every, samples in ((1, 2), (3, 1)):
+        config = replace(CONFIG, eval_every=every, eval_samples=samples)
+        states.append(build(0, config))
+        logs.append(run(states[-1], config))
+    often, rarely = logs
+    assert [s for s, m in often if "val/psnr" in m] == [0, 1, 2, 3]
+    assert [s for s, m in rarely if "val/psnr" in m] == [2, 3]
+    assert _train_metrics(often) == _train_metrics(rarely)  # exact float equality
+    assert_same_tensors(states[0].model.state_dict(), states[1].model.state_dict())
+    assert torch.equal(states[0].noise_generator.get_state(),
+                       states[1].noise_generator.get_state())
+
+
+def test_runs_at_one_seed_share_each_evaluations_noise(monkeypatch):
+    """Common random numbers: two different specs at one seed evaluate with the same draws at
+    the same epoch (the generator (seed, epoch) seeds); another seed or epoch draws others."""
+    drawn: list[tuple[int, torch.Tensor]] = []  # (run, generator state) per sampled rollout
+    real = cvae.train.generate
+
+    def spy(*args, generator=None, latent="prior_sample", **kwargs):
+        if latent == "prior_sample":
+            drawn.append(generator.get_state().clone())
+        return real(*args, generator=generator, latent=latent, **kwargs)
+
+    monkeypatch.setattr(cvae.train, "generate", spy)
+    base = replace(CONFIG, epochs=2)
+    other = replace(base, lr=5e-3, kl=ConstantKL(0.5), eval_samples=3,
+                    teacher_forcing=TeacherForcing(ratio=0.0))
+    streams = []
+    for seed, config in ((0, base), (0, other), (1, base)):
+        drawn.clear()
+        run(build(seed, config), config)
+        streams.append(list(drawn))
+    same_seed, other_spec, other_seed = streams
+    assert len(same_seed) == 2  # one evaluation per epoch
+    for epoch, state in enumerate(same_seed):
+        assert torch.equal(state, evaluation_generator(0, epoch).get_state())
+        assert torch.equal(state, other_spec[epoch])
+        assert not torch.equal(state, other_seed[epoch])
+    assert not torch.equal(same_seed[0], same_seed[1])
+
+
+def test_an_epochs_evaluation_is_the_same_wherever_it_is_made():
+    """``evaluate_after`` (what the runner calls to rebuild a finished run's last evaluation)
+    gives what ``fit`` evaluated at that epoch, to the bit."""
+    config = replace(CONFIG, epochs=2)
+    made: dict[int, cvae.train.Evaluation] = {}
+
+    class Keep(Recorder):
+        def on_evaluation(self, epoch, evaluation):
+            made[epoch] = evaluation
+
+    state = build(0, config)
+    fit(state, *DATA, config, hooks=Keep())
+    again = evaluate_after(state, config, DATA[2], DATA[3], epoch=1)
+    assert torch.equal(again.psnr_per_frame, made[1].psnr_per_frame)
+    assert torch.equal(again.predictions, made[1].predictions)
+    other_epoch = evaluate_after(state, config, DATA[2], DATA[3], epoch=0)
+    assert not torch.equal(other_epoch.predictions, made[1].predictions)
+
+
+def test_every_evaluation_logs_the_prior_mean_psnr():
+    config = replace(CONFIG, epochs=2, eval_every=1)
+    state = build(0, config)
+    log = run(state, config)
+    assert all("val/psnr_prior_mean" in m for _, m in log)
+    assert log[0][1]["val/psnr_prior_mean"] != log[1][1]["val/psnr_prior_mean"]
+    _, _, frames, labels = DATA
+    expected = evaluate(state.model, frames, labels, latent="prior_mean").psnr
+    assert log[-1][1]["val/psnr_prior_mean"] == expected
+    assert log[-1][1]["val/psnr"] != expected  # the protocol sampled z
+
+    mean_protocol = replace(config, eval_latent="prior_mean")
+    log = run(build(0, mean_protocol), mean_protocol)
+    assert log[-1][1]["val/psnr_prior_mean"] == log[-1][1]["val/psnr"]
+
+
+# ---------------------------------------------------------------------------------------------
+# (g) learned prior
 # ---------------------------------------------------------------------------------------------
 def test_learned_prior_trains():
     config = replace(CONFIG, epochs=1)
