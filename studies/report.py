@@ -112,8 +112,9 @@ def _design_text(meta: StudyMeta) -> str:
     return (
         f"Seeds until decided (`--until-decided`): after each round of seeds the study tested "
         f"`{design.readout}` of every arm against `{meta.reference}` with a group-sequential "
-        f"paired t-test, looks at {looks} of at most {design.max_seeds} seeds, and stopped "
-        "once every comparison was decided. The levels come from O'Brien-Fleming-type alpha "
+        f"paired t-test, looks at {looks} of at most {design.max_seeds} seeds; an arm ran no "
+        "more seeds once decided, and the study stopped when every comparison was decided or "
+        "the last look was taken. The levels come from O'Brien-Fleming-type alpha "
         "spending (Lan & DeMets 1983; Jennison & Turnbull 2000, ch. 7): look k rejects when "
         f"the paired p-value is at most α(t_k) − α(t_(k−1)) ({levels}), so the chance of "
         "ever calling an arm that does not differ \"better\" or \"worse\" stays at or below "
