@@ -202,7 +202,8 @@ def terminal_summary(report: Report, meta: StudyMeta, *, reference: str,
         lines += textwrap.wrap(
             f"seeds until decided: `{design.readout}` tested at "
             f"{', '.join(map(str, design.looks))} of at most {design.max_seeds} seeds "
-            "(group-sequential, O'Brien-Fleming-type alpha spending)", width)
+            "(group-sequential, O'Brien-Fleming-type alpha spending)", width,
+            break_on_hyphens=False)
     by_name = {r.name: r for r in summary.READOUTS}
     for name in meta.readouts:
         rows = summary.readout_rows(table, name)
