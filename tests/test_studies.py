@@ -72,7 +72,8 @@ def test_kl_study_runs_reports_reuses_resumes_and_redraws(tracking_store, tmp_pa
     else:
         assert first.stdout.count(": start") == 6
     # The short summary: the study's readouts (auc first), each within 100 columns.
-    printed = first.stdout[first.stdout.index("kl_ablation: profile smoke"):]
+    printed = first.stdout[first.stdout.index("kl_ablation: profile smoke"):
+                           first.stdout.index("report: ")]
     assert max(len(line) for line in printed.splitlines()) <= 100, printed
     assert "| `" not in printed and "auc (dB)" in printed and "final (dB)" in printed
     assert printed.index("auc (dB)") < printed.index("epochs_to_floor") < \
