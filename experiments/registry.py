@@ -136,6 +136,25 @@ def _report_tfr_groups() -> Ablation:
                     "teacher forcing (each group holds the three KL arms)")
 
 
+def _calibration() -> Ablation:
+    """The A/A check of the statistics (``python -m studies.calibration``): the reference
+    (``report_final``), an exact copy of it whose random streams are salted
+    (``train.replicate``: the same science, other random numbers), which must come out "no
+    detectable difference", and a known-worse arm (a tenth of the learning rate, at every
+    profile: ``optim.lr_scale``), which must come out "worse"."""
+    reference = replace(REPORT_FINAL, name="calibration_reference",
+                        description="The report's final model (report_final), unchanged.")
+    copy = replace(reference, name="calibration_copy",
+                   description="An exact copy of the reference, its random streams salted "
+                               "(train.replicate = 1): must not differ.",
+                   train=replace(reference.train, replicate=1))
+    worse = replace(reference, name="calibration_low_lr",
+                    description="The reference at a tenth of its learning rate: must be worse.",
+                    optim=replace(reference.optim, lr_scale=0.1))
+    return Ablation("calibration", tuple(Arm(s.name, s, s.name) for s in (reference, copy, worse)),
+                    reference.name, "none: an A/A copy and a known-worse arm (calibration)")
+
+
 ABLATIONS: dict[str, Ablation] = {
     a.name: a
     for a in [
@@ -144,6 +163,7 @@ ABLATIONS: dict[str, Ablation] = {
         _simple("output", ["identity", "sigmoid"], "output activation"),
         _simple("prior", ["prior_standard", "prior_learned"], "prior"),
         _report_tfr_groups(),
+        _calibration(),
     ]
 }
 

@@ -84,10 +84,14 @@ class OptimSpec:
     kind: Literal["adam", "adamw"] = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
+    # A factor on ``lr`` applied after the profile has set it, so an arm keeps its ratio to
+    # the others at every profile (the calibration study's known-worse arm: 0.1).
+    lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _choice(self.kind, "optim.kind", OPTIMIZERS)
         _positive(self.lr, "optim.lr")
+        _positive(self.lr_scale, "optim.lr_scale")
         if self.weight_decay < 0:
             raise SpecError(f"optim.weight_decay={self.weight_decay} must be >= 0")
 
@@ -115,6 +119,11 @@ class TrainSpec:
     # "bf16": training steps under bf16 autocast (opt-in; evaluation stays fp32). See README,
     # Performance, for its measured speed and effect on val PSNR.
     precision: Literal["fp32", "bf16"] = "fp32"
+    # A replicate salt mixed into the seeding of every random stream (initialisation, clip
+    # order, noise; experiments.runner.rng_seed): 0 is the seed itself. Another value makes a
+    # copy of the same science that does not reproduce it bit for bit (the calibration
+    # study's A/A arm).
+    replicate: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -123,6 +132,8 @@ class TrainSpec:
             raise SpecError(f"train.batch_size={self.batch_size} must be >= 1")
         _positive(self.grad_clip, "train.grad_clip")
         _choice(self.precision, "train.precision", PRECISIONS)
+        if self.replicate < 0:
+            raise SpecError(f"train.replicate={self.replicate} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -256,16 +267,24 @@ def from_json(text: str) -> ExperimentSpec:
     return from_dict(json.loads(text))
 
 
+# Keys added after runs were stored, left out of the hash at their default so that specs from
+# before them keep their hash (and their stored runs).
+HASH_OMITS_DEFAULT = {("train", "precision"): "fp32", ("train", "replicate"): 0,
+                      ("optim", "lr_scale"): 1.0}
+
+
 def spec_hash(spec: ExperimentSpec) -> str:
     """Content hash of the science: everything but the seed, name and description. Keys
     added later are left out where they mean what specs from before them did, so those keep
-    their hash: the default precision (fp32), and ``eval.reduce`` unless it averages several
-    prior samples (one sample or the prior mean reduce alike; "best" is what came before)."""
+    their hash: those at their default in ``HASH_OMITS_DEFAULT`` (precision fp32, replicate
+    0, lr_scale 1), and ``eval.reduce`` unless it averages several prior samples (one sample
+    or the prior mean reduce alike; "best" is what came before)."""
     data = to_dict(spec)
     for key in TOP_LEVEL:
         data.pop(key, None)
-    if data["train"].get("precision") == "fp32":
-        del data["train"]["precision"]
+    for (section, key), default in HASH_OMITS_DEFAULT.items():
+        if data[section].get(key) == default:
+            del data[section][key]
     evaluation = spec.eval
     if not (evaluation.reduce == "mean" and evaluation.samples > 1
             and evaluation.latent == "prior_sample"):

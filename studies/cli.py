@@ -1,8 +1,22 @@
 """The command line every ablation study shares (``python -m studies.<name>``): flags ->
 ``Grid`` -> run it (here, in packs, or through worker processes) -> report.
 
-A study module declares a ``Study`` (its name, ablation, docstring and defaults) and calls
-``run_cli``; everything else is here and in ``studies.grid`` / ``studies.queue``.
+A study module declares a ``Study`` (its name, ablation, docstring, the readouts that answer
+its question and its defaults) and calls ``run_cli``; everything else is here and in
+``studies.grid`` / ``studies.queue``.
+
+Seeds until decided (``--until-decided --max-seeds N [--seed-step K]``): the seeds run in
+rounds, the given ``--seeds`` first, then K more at a time (each round a Grid of its seeds run
+the usual way: in parallel with ``--jobs`` or ``--pack``, finished runs reused, so a rerun
+after an interruption continues the rounds). After each round the study's primary readout of
+every arm is tested against the reference with a group-sequential paired t-test
+(``studies.summary.sequential_test``: looks at every K seeds up to N, O'Brien-Fleming-type
+alpha spending; Lan & DeMets 1983, Jennison & Turnbull 2000 ch. 7), which keeps the chance of
+ever calling an arm that does not differ "better" or "worse" at or below 5% however many
+rounds run. A decided arm runs no more seeds; the study stops when every comparison is
+decided or N seeds have run. The design goes on the parent run as tags
+(``studies.results.SequentialDesign``), so ``python -m studies.report`` redraws the same
+verdicts.
 """
 
 from __future__ import annotations
@@ -10,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from experiments.cli import (
     Parser,
@@ -26,6 +40,8 @@ from experiments.spec import SpecError
 from studies import queue
 from studies import storage as storages
 from studies.grid import Grid, StudyRun, pending, run_here
+from studies.results import SEQUENTIAL_TAGS, TAG_READOUTS, SequentialDesign
+from studies.summary import READOUT_NAMES, planned_looks
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,19 @@ class Study:
     doc: str
     default_seeds: tuple[int, ...] = (0, 1)
     variants: tuple[Variant, ...] = ()
+    # The readouts (studies.summary.READOUTS) that answer the study's question; the first is
+    # its primary readout: ``--until-decided`` tests it, and the report shows it first.
+    readouts: tuple[str, ...] = ("final",)
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.readouts if r not in READOUT_NAMES]
+        if not self.readouts or unknown:
+            raise ValueError(f"study {self.name}: readouts {list(self.readouts)} must name "
+                             f"some of {', '.join(READOUT_NAMES)}")
+
+    @property
+    def primary(self) -> str:
+        return self.readouts[0]
 
 
 def default_jobs(device: str, runs: int) -> int:
@@ -98,6 +127,17 @@ def build_parser(study: Study, prog: str) -> argparse.ArgumentParser:
     for variant in study.variants:
         parser.add_argument(variant.flag, action="store_true", help=variant.help)
     add_common(parser)
+    decide = parser.add_argument_group(
+        "seeds until decided (a group-sequential test that keeps false positives <= 5%%)")
+    decide.add_argument("--until-decided", action="store_true",
+                        help="run --seeds, then --seed-step more seeds at a time, testing "
+                             f"the primary readout (here: {study.primary}) of every arm "
+                             "against the reference after each round; stop when every "
+                             "comparison is decided or --max-seeds seeds have run")
+    decide.add_argument("--max-seeds", type=int, default=None, metavar="N",
+                        help="with --until-decided: the most seeds per arm (>= 2)")
+    decide.add_argument("--seed-step", type=int, default=None, metavar="K",
+                        help=f"with --until-decided: seeds per round (default {SEED_STEP})")
     several = parser.add_argument_group(
         "several machines (an Optuna study as the work queue; see README)")
     several.add_argument("--storage", default=None, metavar="URL",
@@ -118,6 +158,9 @@ def build_parser(study: Study, prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+SEED_STEP = 2  # seeds per round of --until-decided
+
+
 def _check(args: argparse.Namespace) -> None:
     args.storage = storages.given(args.storage)
     if args.pack is not None and args.pack < 1:
@@ -126,6 +169,28 @@ def _check(args: argparse.Namespace) -> None:
         raise SpecError(f"--jobs={args.jobs} must be >= {0 if args.storage else 1}")
     if args.worker and not args.storage:
         raise SpecError("--worker takes its pairs from a queue: give --storage URL")
+    _check_sequential(args)
+
+
+def _check_sequential(args: argparse.Namespace) -> None:
+    if not args.until_decided:
+        given = [f for f, v in (("--max-seeds", args.max_seeds), ("--seed-step", args.seed_step))
+                 if v is not None]
+        if given:
+            raise SpecError(f"{' and '.join(given)}: only with --until-decided")
+        return
+    if args.max_seeds is None:
+        raise SpecError("--until-decided needs --max-seeds N: the most seeds per arm")
+    if args.max_seeds < 2:
+        raise SpecError(f"--max-seeds={args.max_seeds} must be >= 2 (a paired test needs 2)")
+    if args.seed_step is not None and args.seed_step < 1:
+        raise SpecError(f"--seed-step={args.seed_step} must be >= 1")
+    if len(set(args.seeds)) > args.max_seeds:
+        raise SpecError(f"--seeds gives {len(set(args.seeds))} seeds, more than --max-seeds "
+                        f"{args.max_seeds}")
+    if args.worker or (args.storage and not args.wait):
+        raise SpecError("--until-decided runs its rounds from the command that waits for them "
+                        "(not with --worker or --no-wait)")
 
 
 def _variant(study: Study, args: argparse.Namespace) -> tuple[str, str]:
@@ -163,6 +228,102 @@ def run(grid: Grid, args: argparse.Namespace, device: str) -> StudyRun | None:
     return run_here(grid, device=device, pack=pack)
 
 
+# ---------------------------------------------------------------------------------------------
+# Seeds until decided
+# ---------------------------------------------------------------------------------------------
+def record_design(parent_run_id: str, study: Study, design: SequentialDesign | None) -> None:
+    """The parent run's tags for the report: the readouts that answer the study's question,
+    and the sequential design of a study run until decided (a study run with fixed seeds
+    drops an earlier one: its report reads every seed of the configuration at once)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    client.set_tag(parent_run_id, TAG_READOUTS, ",".join(study.readouts))
+    tags = client.get_run(parent_run_id).data.tags
+    if design is not None:
+        for key, value in design.tags().items():
+            client.set_tag(parent_run_id, key, value)
+        return
+    for key in SEQUENTIAL_TAGS:
+        if key in tags:
+            client.delete_tag(parent_run_id, key)
+
+
+def verdicts(study: str, parent_run_id: str) -> dict[str, str]:
+    """The sequential verdict of the design recorded on the parent (``record_design``) for
+    each arm, or each group when groups hold several arms (name -> verdict), the reference
+    left out: the primary readout's verdicts as the report reads them."""
+    from studies import summary
+    from studies.report import boundaries_of, summary_metrics, table_group_of
+    from studies.results import load_study
+
+    results = load_study(study, parent_run_id=parent_run_id, per_frame=False)
+    meta = results.meta
+    by = "group" if meta.grouped else "arm"
+    reference = table_group_of(results, meta.reference) if meta.grouped else meta.reference
+    readout = [r for r in summary.READOUTS if r.name == meta.sequential.readout]
+    table = summary.summarize_readouts(
+        summary_metrics(results), reference=reference, by=by,
+        order=meta.groups if meta.grouped else meta.arms, boundaries=boundaries_of(meta),
+        readouts=readout)
+    return {str(r[by]): r["verdict"] for _, r in table.iterrows()
+            if r["verdict"] != "reference"}
+
+
+def _decided(verdict: str) -> bool:
+    return verdict in ("better", "worse")
+
+
+def _round_line(number: int, grid: Grid, seeds: list[int], max_seeds: int,
+                found: dict[str, str]) -> str:
+    decided = [f"{name} {verdict}" for name, verdict in found.items() if _decided(verdict)]
+    undecided = [name for name, verdict in found.items() if not _decided(verdict)]
+    arms = "" if not grid.arms else f" of {', '.join(grid.arms)}"
+    return (f"round {number}: seeds {' '.join(map(str, grid.seeds))}{arms} ({len(seeds)} of "
+            f"at most {max_seeds}); decided: {', '.join(decided) or 'none'}; undecided: "
+            f"{', '.join(undecided) or 'none'}")
+
+
+def _next_round(grid: Grid, seeds: list[int], step: int, max_seeds: int,
+                found: dict[str, str]) -> Grid:
+    """The next round: ``step`` new seeds (at most up to ``max_seeds`` in all) of the
+    reference (its group's arms) and of the arms (groups) not yet decided: a decided
+    comparison keeps its decision, so its arm runs no more seeds."""
+    undecided = {name for name, verdict in found.items() if not _decided(verdict)}
+    reference = grid.arm(grid.ablation.reference)
+    arms = [a.name for a in grid.chosen
+            if a.group == reference.group or a.name in undecided or a.group in undecided]
+    start = max(seeds) + 1
+    return replace(grid, seeds=tuple(range(start, start + min(step, max_seeds - len(seeds)))),
+                   arms=tuple(arms) if len(arms) < len(grid.chosen) else grid.arms)
+
+
+def run_until_decided(study: Study, grid: Grid, args: argparse.Namespace,
+                      device: str) -> StudyRun:
+    """Rounds of seeds (``grid.seeds`` first, then ``--seed-step`` more) through ``run``,
+    each followed by the group-sequential test of the study's primary readout (module
+    docstring), until every comparison is decided or ``--max-seeds`` seeds have run."""
+    if grid.ablation.reference not in {a.name for a in grid.chosen}:
+        raise SpecError(f"--until-decided compares every arm with the reference arm "
+                        f"{grid.ablation.reference}: keep it in --arms")
+    step = args.seed_step or SEED_STEP
+    looks = tuple(planned_looks(args.max_seeds, seed_step=step))
+    seeds, this_round, failures = list(grid.seeds), grid, []
+    for number in range(1, args.max_seeds + 1):
+        ran = run(this_round, args, device)
+        failures += ran.failures
+        design = SequentialDesign(study.primary, looks, args.max_seeds, tuple(seeds))
+        record_design(ran.parent_run_id, study, design)
+        found = verdicts(grid.study, ran.parent_run_id)
+        print(_round_line(number, this_round, seeds, args.max_seeds, found), flush=True)
+        if all(_decided(v) for v in found.values()) or len(seeds) >= args.max_seeds:
+            break
+        this_round = _next_round(grid, seeds, step, args.max_seeds, found)
+        seeds += this_round.seeds
+    ran.failures = failures
+    return ran
+
+
 def run_cli(study: Study, argv: list[str] | None = None) -> int:
     """``python -m studies.<name>``: run the study, write its report, print its summary."""
     from studies.report import report_study
@@ -179,15 +340,18 @@ def run_cli(study: Study, argv: list[str] | None = None) -> int:
         profile, device = resolve_profile_and_device(args)
         grid = make_grid(study, args, profile)
         started = time.monotonic()
-        ran = run(grid, args, device)
+        ran = run_until_decided(study, grid, args, device) if args.until_decided \
+            else run(grid, args, device)
         if ran is None:
             return 0
+        if not args.until_decided:
+            record_design(ran.parent_run_id, study, None)
         try:
             report = report_study(grid.study, parent_run_id=ran.parent_run_id)
         except LookupError as err:
             return fail(str(err))
         print()
-        print(report.markdown)
+        print(report.terminal)
         print(f"report: {len(report.files)} files in {report.out_dir}/ (also logged to parent "
               f"run {ran.parent_run_id} under report/); redraw with: "
               f"python -m studies.report --study {grid.study}", flush=True)

@@ -3,6 +3,7 @@
     python -m studies.kl_ablation [--seeds 0 1 2] [--profile smoke|cpu|full] [--epochs N]
                                   [--arms kl_cyclical kl_monotonic kl_constant]
                                   [--data PATH] [--device cpu|cuda|mps]
+                                  [--until-decided --max-seeds N [--seed-step K]]
 
 Ablation ``kl`` (experiments.registry), reference arm ``kl_cyclical``:
 - Scientific hyperparameter: the KL weight schedule β(epoch): ``kl_cyclical`` (40 cycles,
@@ -17,6 +18,14 @@ Ablation ``kl`` (experiments.registry), reference arm ``kl_cyclical``:
   no teacher forcing, evaluation with a prior sample of z; the profile sets data size, widths
   and epochs (400 at ``full``; epoch-indexed schedules keep their shape in epochs).
 
+Readouts that answer the question (``studies.summary.READOUTS``): the report's KL findings are
+about speed ("monotonic converges fastest, cyclical slowest but reaches a lower loss later"),
+which final PSNR cannot test. So the primary readout is ``auc``, the mean val PSNR over
+training (the area under the curve per epoch: it rewards learning early as well as ending
+high), with ``epochs_to_floor`` (the first epoch at the copy-first floor + 1 dB, censored at
+the last epoch) and ``final`` (val PSNR at the last epoch) beside it. ``--until-decided``
+tests ``auc``; the summary shows all three first, then the others.
+
 Runs go to the MLflow experiment ``kl_ablation`` under one parent run; the figures and the
 summary table are written to ``mlruns/reports/kl_ablation/`` (redraw them with
 ``python -m studies.report --study kl_ablation``). Rerunning the command reuses finished runs
@@ -29,7 +38,8 @@ import sys
 
 from studies.cli import Study, run_cli
 
-STUDY = Study(name="kl_ablation", ablation="kl", doc=__doc__)
+STUDY = Study(name="kl_ablation", ablation="kl", doc=__doc__,
+              readouts=("auc", "epochs_to_floor", "final"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
     python -m studies.prior_ablation [--seeds 0 1 2] [--profile smoke|cpu|full] [--epochs N]
                                      [--arms prior_standard prior_learned]
                                      [--data PATH] [--device cpu|cuda|mps]
+                                     [--until-decided --max-seeds N [--seed-step K]]
 
 Ablation ``prior`` (experiments.registry), reference arm ``prior_standard``, filed as the
 MLflow experiment ``prior_ablation``:
@@ -15,6 +16,10 @@ MLflow experiment ``prior_ablation``:
 - Fixed hyperparameters: the rest of ``report_final``: cyclical KL (40 cycles, ratio 0.5,
   0.1 to 1), sigmoid output, no teacher forcing, AdamW with cosine LR, batch 2; the profile
   sets data size, widths and epochs.
+
+Readout that answers the question: ``final`` (val PSNR at the last epoch: does the learned
+prior end with better predictions?); ``--until-decided`` tests it; the summary shows every
+readout, ``final`` first.
 
 Figures and the summary go to ``mlruns/reports/prior_ablation/``; redraw them with
 ``python -m studies.report --study prior_ablation``. Rerunning reuses finished runs and

@@ -15,6 +15,13 @@ study's parent run under ``report/``:
   against the reference arm (Welch 95% interval of the difference, and paired by seed; a
   plain verdict read from the paired interval); the arms
   and seeds without a FINISHED run (FAILED, KILLED, RUNNING) are named below the table
+- ``summary_readouts.csv`` (+ ``summary_readouts_groups.csv``): every readout of
+  ``studies.summary.READOUTS`` (final, best and mean val PSNR over training, epochs to the
+  copy-first floor + 1 dB, mean train loss) with the same statistics, one row per readout and
+  arm; ``summary.md`` has a section per readout, the study's own (tag ``readouts`` of the
+  parent run: its primary first) first. A study run until decided (its parent carries the
+  ``sequential_*`` tags) reads every verdict with its group-sequential boundaries, so this
+  redraw agrees with the report the study wrote when it stopped
 - ``beta.png`` (Fig. 1), ``teacher_forcing.png`` (Fig. 2), ``train_loss.png``, ``val_loss.png``,
   ``val_psnr.png`` (Table 1 / Fig. 3: mean ± 1 sd across seeds), ``psnr_per_frame.png``
   (Fig. 4, with the copy-first-frame floor), ``filmstrip.png`` (ground truth vs each arm)
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +41,7 @@ import pandas as pd
 
 from studies import plots, summary
 from studies.results import (
+    StudyMeta,
     StudyResults,
     client_or_default,
     find_parents,
@@ -52,7 +61,10 @@ class Report:
     files: list[Path] = field(default_factory=list)
     summary: pd.DataFrame | None = None
     group_summary: pd.DataFrame | None = None
+    readouts: pd.DataFrame | None = None  # summary_readouts.csv: every readout, per arm
+    group_readouts: pd.DataFrame | None = None
     markdown: str = ""
+    terminal: str = ""  # the short form the study commands print (fits 100 columns)
 
 
 def _subtitle(results: StudyResults) -> str:
@@ -64,14 +76,90 @@ def _subtitle(results: StudyResults) -> str:
     return " · ".join(parts)
 
 
-def summary_markdown(results: StudyResults, table: pd.DataFrame,
-                     groups: pd.DataFrame | None) -> str:
+def ordered_readouts(meta: StudyMeta) -> list[summary.Readout]:
+    """Every readout, those that answer the study's question first (its primary first)."""
+    by_name = {r.name: r for r in summary.READOUTS}
+    first = [by_name[name] for name in meta.readouts if name in by_name]
+    return first + [r for r in summary.READOUTS if r not in first]
+
+
+def boundaries_of(meta: StudyMeta) -> summary.SequentialBoundaries | None:
+    """The group-sequential boundaries of a study run until decided (from its parent's
+    tags), None for a study with fixed seeds."""
+    design = meta.sequential
+    if design is None:
+        return None
+    return summary.sequential_boundaries(design.looks, design.max_seeds)
+
+
+def summary_metrics(results: StudyResults) -> pd.DataFrame:
+    """The metrics the summary reads: a study run until decided counts the seeds its rounds
+    ran (a seed of the same configuration run otherwise is not one of its looks)."""
+    design = results.meta.sequential
+    if design is None:
+        return results.metrics
+    return results.metrics[results.metrics["seed"].isin(design.seeds)]
+
+
+def _design_text(meta: StudyMeta) -> str:
+    design = meta.sequential
+    boundaries = boundaries_of(meta)
+    if design is None or boundaries is None:
+        return ""
+    looks = ", ".join(map(str, design.looks))
+    levels = ", ".join(f"{level:.4f}" for level in boundaries.nominal)
+    left_out = sorted(set(meta.seeds) - set(design.seeds))
+    return (
+        f"Seeds until decided (`--until-decided`): after each round of seeds the study tested "
+        f"`{design.readout}` of every arm against `{meta.reference}` with a group-sequential "
+        f"paired t-test, looks at {looks} of at most {design.max_seeds} seeds; an arm ran no "
+        "more seeds once decided, and the study stopped when every comparison was decided or "
+        "the last look was taken. The levels come from O'Brien-Fleming-type alpha "
+        "spending (Lan & DeMets 1983; Jennison & Turnbull 2000, ch. 7): look k rejects when "
+        f"the paired p-value is at most α(t_k) − α(t_(k−1)) ({levels}), so the chance of "
+        "ever calling an arm that does not differ \"better\" or \"worse\" stays at or below "
+        f"{boundaries.alpha:.0%}. Every verdict below is read the same way (each readout on "
+        "its own): \"decided at N seeds\" names the look that decided it; an undecided one "
+        "gives the seeds a difference of its observed size would need at 80% power (the "
+        "fixed-seed count: the sequential test needs somewhat more). Seeds the rounds ran: "
+        f"{' '.join(map(str, design.seeds))}"
+        + (f" (seeds {' '.join(map(str, left_out))} of this configuration, run otherwise, are "
+           "not in the summary)." if left_out else "."))
+
+
+def _readout_sections(table: pd.DataFrame, meta: StudyMeta, *, reference: str) -> list[str]:
+    """One section per readout, those that answer the study's question first."""
+    sections = []
+    for rank, readout in enumerate(ordered_readouts(meta)):
+        text = summary.readouts_to_markdown(table, reference=reference, readouts=[readout])
+        if not text:
+            continue
+        answers = readout.name in meta.readouts
+        role = (" (primary: the readout the study's question turns on)" if rank == 0 and
+                answers else " (answers the study's question)" if answers else "")
+        sections += [f"### `{readout.name}`{role}", "", text, ""]
+    return sections
+
+
+READOUTS_INTRO = ("Each readout is read off each run's curves, then given as mean ± sd over "
+                  "seeds with a 95% t-interval, and Δ against the reference with the interval "
+                  "its verdict read (paired by seed). summary_readouts.csv holds them as one "
+                  "long table.")
+
+
+def summary_markdown(results: StudyResults, report: Report) -> str:
+    """``summary.md``: the final and best val PSNR table, then a section per readout (the
+    study's own readouts first), the runs left out, and the same by group."""
     meta = results.meta
     lines = [f"# {meta.study}: summary", ""]
     about = [f"Ablation `{meta.ablation}`" if meta.ablation else "",
              f"scientific hyperparameter: {meta.scientific}" if meta.scientific else "",
              f"profile `{meta.profile}`", plots.describe_seeds(meta.seeds)]
     lines += ["; ".join(a for a in about if a) + ".", ""]
+    answering = ", ".join(f"`{r}`" for r in meta.readouts)
+    lines += [f"Readouts that answer this study's question: {answering} (primary first).", ""]
+    if meta.sequential is not None:
+        lines += [_design_text(meta), ""]
     method = (
         "Final = validation PSNR at the last epoch; best = the maximum over evaluated epochs "
         "(epochs are 0-based MLflow steps). mean ± sd over seeds with a 95% t-interval. "
@@ -82,7 +170,7 @@ def summary_markdown(results: StudyResults, table: pd.DataFrame,
         "noise, and pairing removes that shared part). The verdict reads the paired interval "
         "(higher PSNR is better); where fewer than 2 seeds are shared, it reads Welch's and "
         "says so.")
-    lines += [method, "", summary.to_markdown(table, reference=meta.reference)]
+    lines += [method, "", summary.to_markdown(report.summary, reference=meta.reference)]
     if results.unfinished:
         left_out = "; ".join(
             f"`{r.data.tags.get('arm', r.info.run_name)}` seed {r.data.tags.get('seed', '?')}: "
@@ -90,17 +178,78 @@ def summary_markdown(results: StudyResults, table: pd.DataFrame,
                                   if r.data.tags.get("stop_reason") else "")
             for r in results.unfinished)
         lines += ["", f"Not in the table (no FINISHED run of this arm and seed): {left_out}."]
-    if groups is not None:
+    lines += ["", "## Readouts", "", READOUTS_INTRO, ""]
+    lines += _readout_sections(report.readouts, meta, reference=meta.reference)
+    if report.group_summary is not None:
         reference_group = table_group_of(results, meta.reference)
         heading = (f"## By group (each seed's runs averaged over the group's arms: the seeds "
                    f"are the replicates; reference group `{reference_group}`)")
-        lines += ["", heading, "", summary.to_markdown(groups, reference=reference_group)]
-    return "\n".join(lines) + "\n"
+        lines += [heading, "", summary.to_markdown(report.group_summary,
+                                                   reference=reference_group), ""]
+        lines += _readout_sections(report.group_readouts, meta, reference=reference_group)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def terminal_summary(report: Report, meta: StudyMeta, *, reference: str,
+                     width: int = 100) -> str:
+    """What a study command prints: each readout that answers the study's question (its
+    primary first) in ``to_terminal``'s short form, by group (against ``reference``, the
+    reference group) when groups hold several arms, and where the full tables are."""
+    table = report.group_readouts if report.group_readouts is not None else report.readouts
+    lines = [f"{meta.study}: profile {meta.profile}, {plots.describe_seeds(meta.seeds)}"]
+    if meta.sequential is not None:
+        design = meta.sequential
+        lines += textwrap.wrap(
+            f"seeds until decided: `{design.readout}` tested at "
+            f"{', '.join(map(str, design.looks))} of at most {design.max_seeds} seeds "
+            "(group-sequential, O'Brien-Fleming-type alpha spending)", width,
+            break_on_hyphens=False)
+    by_name = {r.name: r for r in summary.READOUTS}
+    for name in meta.readouts:
+        rows = summary.readout_rows(table, name)
+        if name in by_name and not rows.empty:
+            lines += ["", summary.to_terminal(rows, reference=reference, width=width,
+                                              readout=by_name[name])]
+    lines += ["", "full tables (every readout, Welch intervals, best PSNR, runs left out):",
+              f"  {report.out_dir / 'summary.md'}"]
+    return "\n".join(lines)
 
 
 def table_group_of(results: StudyResults, arm: str) -> str:
     groups = results.metrics.loc[results.metrics["arm"] == arm, "group"]
     return str(groups.iloc[0]) if len(groups) else arm
+
+
+def write_summary(results: StudyResults, out: Path, report: Report) -> None:
+    """``summary.csv`` (final and best val PSNR per arm), ``summary_readouts.csv`` (every
+    readout, one row per readout and arm), their ``_groups`` forms when groups hold several
+    arms, ``summary.md``, and the terminal form. A study run until decided reads its
+    verdicts with its sequential design's boundaries (``boundaries_of``)."""
+    meta = results.meta
+    metrics, boundaries = summary_metrics(results), boundaries_of(meta)
+    readouts = ordered_readouts(meta)
+    by = {"arm": (meta.reference, meta.arms)}
+    if meta.grouped:
+        by["group"] = (table_group_of(results, meta.reference), meta.groups)
+    tables = {}
+    for column, (reference, order) in by.items():
+        options = {"reference": reference, "by": column, "order": order,
+                   "boundaries": boundaries}
+        suffix = "_groups" if column == "group" else ""
+        tables[f"summary{suffix}.csv"] = summary.summarize(metrics, **options)
+        tables[f"summary_readouts{suffix}.csv"] = summary.summarize_readouts(
+            metrics, readouts=readouts, **options)
+    for name, table in tables.items():
+        table.to_csv(out / name, index=not name.startswith("summary_readouts"))
+        report.files.append(out / name)
+    report.summary, report.readouts = tables["summary.csv"], tables["summary_readouts.csv"]
+    report.group_summary = tables.get("summary_groups.csv")
+    report.group_readouts = tables.get("summary_readouts_groups.csv")
+    report.markdown = summary_markdown(results, report)
+    (out / "summary.md").write_text(report.markdown)
+    report.files.append(out / "summary.md")
+    report.terminal = terminal_summary(report, meta,
+                                       reference=by["group" if meta.grouped else "arm"][0])
 
 
 def write_figures(results: StudyResults, out_dir: Path, *, client: Any) -> list[Path]:
@@ -200,19 +349,7 @@ def write_report(results: StudyResults, out_dir: str | Path | None = None, *,
     report = Report(meta.study, out)
     report.files += write_tables(results, out)
 
-    report.summary = summary.summarize(results.metrics, reference=meta.reference, by="arm",
-                                       order=meta.arms)
-    report.summary.to_csv(out / "summary.csv")
-    report.files.append(out / "summary.csv")
-    if meta.grouped:
-        reference_group = table_group_of(results, meta.reference)
-        report.group_summary = summary.summarize(results.metrics, reference=reference_group,
-                                                 by="group", order=meta.groups)
-        report.group_summary.to_csv(out / "summary_groups.csv")
-        report.files.append(out / "summary_groups.csv")
-    report.markdown = summary_markdown(results, report.summary, report.group_summary)
-    (out / "summary.md").write_text(report.markdown)
-    report.files.append(out / "summary.md")
+    write_summary(results, out, report)
 
     report.files += write_figures(results, out, client=client)
     if log_to_parent and meta.parent_run_id is not None:

@@ -48,12 +48,51 @@ TAG_GROUPS = "group_order"
 TAG_SCIENTIFIC = "scientific"
 TAG_CONFIG = "study_config"
 TAG_SPEC_HASHES = "spec_hashes"  # the configuration's arms, as resolved spec hashes
+# Written by the study command (studies.cli): the readouts that answer the study's question
+# (primary first), and for a study run until decided its sequential design: the readout its
+# rounds tested, the looks (seeds at each), the most seeds, and the seeds the rounds ran.
+TAG_READOUTS = "readouts"
+TAG_SEQUENTIAL_READOUT = "sequential_readout"
+TAG_SEQUENTIAL_LOOKS = "sequential_looks"
+TAG_SEQUENTIAL_MAX_SEEDS = "sequential_max_seeds"
+TAG_SEQUENTIAL_SEEDS = "sequential_seeds"
+SEQUENTIAL_TAGS = (TAG_SEQUENTIAL_READOUT, TAG_SEQUENTIAL_LOOKS, TAG_SEQUENTIAL_MAX_SEEDS,
+                   TAG_SEQUENTIAL_SEEDS)
 PARENT_ID_TAG = "mlflow.parentRunId"
 
 COLUMNS = ["run_id", "study", "arm", "group", "seed", "epoch", "metric", "value"]
 FRAME_COLUMNS = ["run_id", "study", "arm", "group", "seed", "epoch", "frame", "metric", "value"]
 PER_FRAME_METRICS = {"psnr": "val/psnr_per_frame",
                      "psnr_copy_first": "val/psnr_copy_first_per_frame"}
+
+
+@dataclass(frozen=True)
+class SequentialDesign:
+    """How a study ran seeds until decided (``studies.cli``): the ``readout`` its rounds
+    tested, the ``looks`` (seeds at each) planned up to ``max_seeds``, and the ``seeds`` its
+    rounds ran, in order. ``studies.summary.sequential_boundaries(looks, max_seeds)`` rebuilds
+    its boundaries."""
+
+    readout: str
+    looks: tuple[int, ...]
+    max_seeds: int
+    seeds: tuple[int, ...]
+
+    def tags(self) -> dict[str, str]:
+        return {TAG_SEQUENTIAL_READOUT: self.readout,
+                TAG_SEQUENTIAL_LOOKS: ",".join(map(str, self.looks)),
+                TAG_SEQUENTIAL_MAX_SEEDS: str(self.max_seeds),
+                TAG_SEQUENTIAL_SEEDS: " ".join(map(str, self.seeds))}
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> SequentialDesign | None:
+        """The design a parent's tags record (None when it has none, or only part of one)."""
+        if not all(tags.get(t) for t in SEQUENTIAL_TAGS):
+            return None
+        return cls(tags[TAG_SEQUENTIAL_READOUT],
+                   tuple(int(n) for n in _split(tags[TAG_SEQUENTIAL_LOOKS])),
+                   int(tags[TAG_SEQUENTIAL_MAX_SEEDS]),
+                   tuple(int(s) for s in tags[TAG_SEQUENTIAL_SEEDS].split()))
 
 
 @dataclass
@@ -69,6 +108,8 @@ class StudyMeta:
     arms: list[str] = field(default_factory=list)  # plotting order
     groups: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    readouts: list[str] = field(default_factory=lambda: ["final"])  # primary first
+    sequential: SequentialDesign | None = None  # a study run until decided
 
     @property
     def grouped(self) -> bool:
@@ -238,6 +279,8 @@ def study_meta(study: str, runs: Sequence[Any], parent: Any | None = None) -> St
         profile=tags.get("profile") or "+".join(profiles),
         reference=tags.get(TAG_REFERENCE) or (arms[0] if arms else ""),
         arms=arms, groups=groups, seeds=sorted({_seed(r) for r in runs}),
+        readouts=_split(tags.get(TAG_READOUTS)) or ["final"],
+        sequential=SequentialDesign.from_tags(tags),
     )
 
 

@@ -3,6 +3,7 @@
     python -m studies.sigmoid_ablation [--seeds 0 1 2] [--profile smoke|cpu|full]
                                        [--epochs N] [--arms identity sigmoid]
                                        [--data PATH] [--device cpu|cuda|mps]
+                                       [--until-decided --max-seeds N [--seed-step K]]
 
 Ablation ``output`` (experiments.registry), reference arm ``identity`` (the template), filed
 as the MLflow experiment ``sigmoid_ablation``:
@@ -14,6 +15,9 @@ as the MLflow experiment ``sigmoid_ablation``:
 - Fixed hyperparameters: the rest of ``report_final``: cyclical KL (40 cycles, ratio 0.5,
   0.1 to 1), no teacher forcing, N(0, I) prior, AdamW with cosine LR, batch 2; the profile
   sets data size, widths and epochs.
+
+Readout that answers the question: ``final`` (val PSNR at the last epoch: the report's ~33 vs
+~36-37 dB); ``--until-decided`` tests it; the summary shows every readout, ``final`` first.
 
 Figures and the summary go to ``mlruns/reports/sigmoid_ablation/``; redraw them with
 ``python -m studies.report --study sigmoid_ablation``. Rerunning reuses finished runs and

@@ -807,31 +807,49 @@ def _fit(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
+def readout_rows(table: pd.DataFrame, readout: str) -> pd.DataFrame:
+    """One readout's rows of ``summarize_readouts``' long table, indexed by its arm (or group)
+    column, in the table's order: what ``to_terminal`` takes for that readout."""
+    by = table.columns[0]
+    return table[table["readout"] == readout].set_index(by)
+
+
 def to_terminal(table: pd.DataFrame, *, reference: str, width: int = 100,
-                confidence: float = CONFIDENCE, power: float = POWER) -> str:
-    """The summary in at most ``width`` (>= 72) columns: arm, seeds, final val PSNR mean ± sd, Δ vs
-    the reference with the interval the verdict read (paired by seed), and the verdict,
-    wrapped inside its column. Names too long for their column are cut with "…"; the full
-    table is ``to_markdown``'s."""
+                confidence: float = CONFIDENCE, power: float = POWER,
+                readout: Readout = READOUTS[0]) -> str:
+    """The summary in at most ``width`` (>= 72) columns: arm, seeds, ``readout`` mean ± sd
+    (default: final val PSNR), Δ vs the reference with the interval the verdict read (paired
+    by seed), and the verdict, wrapped inside its column. ``table``: ``summarize``'s (final
+    val PSNR), or one readout's rows of ``summarize_readouts`` (``readout_rows``) with that
+    ``readout``. Names too long for their column are cut with "…"; the full table is
+    ``to_markdown``'s (``readouts_to_markdown``'s)."""
     by = table.index.name or "arm"
     pct = f"{round(confidence * 100)}%"
+    mean, sd = ("mean", "sd") if "mean" in table.columns else ("final_mean", "final_sd")
+    digits = readout.digits
     rows = []
     for name, r in table.iterrows():
         difference, low, high = _basis_difference(r) if r["verdict"] != "reference" else \
             (math.nan, math.nan, math.nan)
-        rows.append([str(name), str(r["n"]), f"{_num(r['final_mean'])} ± {_num(r['final_sd'])}",
+        spread = f"{_num(r[mean], digits)} ± {_num(r[sd], digits)}"
+        if readout.censored and r.get("censored", 0):
+            spread += f" ({int(r['censored'])} censored)"
+        rows.append([str(name), str(r["n"]), spread,
                      "—" if r["verdict"] == "reference" else
-                     f"{_signed(difference)} {_ci(low, high)}",
+                     f"{_signed(difference, digits)} {_ci(low, high, digits)}",
                      _verdict_text(r, power=power)])
-    header = [by, "seeds", "final (dB)", f"Δ (dB) [{pct} CI]", "verdict"]
+    header = [by, "seeds", f"{readout.name} ({readout.unit})",
+              f"Δ ({readout.unit}) [{pct} CI]", "verdict"]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
     gap = 2
     verdict_min = 30  # "better (decided at 4 seeds)" on one line
     # The name column gives way first, so the verdict keeps a readable width.
     widths[0] = max(8, min(widths[0], width - sum(widths[1:]) - 4 * gap - verdict_min))
     verdict_width = max(12, width - sum(widths) - 4 * gap)  # below ~72 columns lines overflow
-    intro = (f"final val PSNR (dB), mean ± sd over seeds; Δ = {by} - `{reference}`, paired by "
-             "seed (Welch where marked)")
+    direction = "higher" if readout.higher_is_better else "lower"
+    intro = (f"{readout.label[0].lower()}{readout.label[1:]} ({readout.unit}; {direction} is "
+             f"better), mean ± sd over seeds; Δ = {by} - `{reference}`, paired by seed (Welch "
+             "where marked)")
     lines = textwrap.wrap(intro, width)
     for cells in [header, *rows]:
         head = [_fit(cells[0], widths[0]).ljust(widths[0]), cells[1].rjust(widths[1]),

@@ -3,6 +3,7 @@
     python -m studies.tfr_ablation [--seeds 0 1 2] [--profile smoke|cpu|full] [--epochs N]
                                    [--arms tfr_decay tfr_off] [--report-groups]
                                    [--data PATH] [--device cpu|cuda|mps]
+                                   [--until-decided --max-seeds N [--seed-step K]]
 
 Ablation ``tfr`` (experiments.registry), reference arm ``tfr_decay``, filed as the MLflow
 experiment ``tfr_ablation``:
@@ -15,6 +16,10 @@ experiment ``tfr_ablation``:
 - Fixed hyperparameters: the rest of ``report_final``: cyclical KL (40 cycles, ratio 0.5,
   0.1 to 1), sigmoid output, N(0, I) prior, AdamW with cosine LR, batch 2; the profile sets
   data size, widths and epochs.
+
+Readout that answers the question: ``final`` (val PSNR at the last epoch): the report's claim
+is about the quality teacher forcing leaves the model with, not about speed. ``--until-decided``
+tests it (by group with ``--report-groups``); the summary shows every readout, ``final`` first.
 
 ``--report-groups`` runs the report's own design instead (ablation ``report_tfr_groups``,
 filed as the experiment ``tfr_report_groups``): two groups, ``tfr_decay`` and ``tfr_off``,

@@ -462,7 +462,7 @@ def rerun(done: list[StudyResult], study: str, requested: list[int] | None,
     ran = run_here(grid, device=job.device)
     rerun_report = report_study(study, parent_run_id=ran.parent_run_id)
     if ablation:
-        print(f"\n{rerun_report.markdown}\nrerun report: {rerun_report.out_dir}/ (MLflow "
+        print(f"\n{rerun_report.terminal}\nrerun report: {rerun_report.out_dir}/ (MLflow "
               f"experiment {study}, parent run {ran.parent_run_id})")
     elif rerun_report.summary is not None and len(rerun_report.summary):
         row = rerun_report.summary.iloc[0]

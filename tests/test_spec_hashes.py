@@ -6,6 +6,8 @@ update this table in the same commit and say so in the README."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from experiments.registry import ABLATIONS, SPECS, resolve
@@ -30,6 +32,11 @@ PINNED = {
     "tfr_off+kl_cyclical": (None, "93d38a105e2c", "ed1c977bb5f8", "af3cd956cb83"),
     "tfr_off+kl_monotonic": (None, "d6b091502f69", "9c2a4c2e983a", "a2cd3f99c97a"),
     "tfr_off+kl_constant": (None, "d54435cf2f10", "7d7709be35bb", "d5c3def667f5"),
+    # The calibration ablation: the reference is report_final itself; the copy differs by its
+    # replicate salt alone, the known-worse arm by its lr_scale alone.
+    "calibration_reference": (None, "93d38a105e2c", "ed1c977bb5f8", "af3cd956cb83"),
+    "calibration_copy": (None, "c0632455ead7", "7d2bd5a37cd6", "8e3603b1dcf8"),
+    "calibration_low_lr": (None, "6da6cf413758", "cc058b290baf", "c9dbe0c6b7e4"),
 }
 PROFILE_COLUMNS = {"smoke": 1, "cpu": 2, "full": 3}
 
@@ -53,3 +60,18 @@ def test_spec_hashes_are_unchanged_at_every_profile(name, spec):
         assert spec_hash(spec) == registered
     for profile, column in PROFILE_COLUMNS.items():
         assert spec_hash(resolve(spec, profile=profile)) == PINNED[name][column], profile
+
+
+@pytest.mark.parametrize("arm, key, default", [("calibration_copy", "replicate", 0),
+                                                ("calibration_low_lr", "lr_scale", 1.0)])
+def test_calibration_arms_differ_from_the_reference_by_one_key(arm, key, default):
+    """Set back to its default, the one key an arm changes gives the reference's hash (a key
+    at its default is left out of the hash, so every spec stored before it keeps its own)."""
+    arms = {a.name: a.spec for a in ABLATIONS["calibration"].arms}
+    section = "train" if key == "replicate" else "optim"
+    for profile in PROFILE_COLUMNS:
+        spec = resolve(arms[arm], profile=profile)
+        back = replace(spec, **{section: replace(getattr(spec, section), **{key: default})})
+        assert spec_hash(spec) != spec_hash(back)
+        assert spec_hash(back) == spec_hash(resolve(arms["calibration_reference"],
+                                                    profile=profile))

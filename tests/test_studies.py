@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from mlflow.tracking import MlflowClient
 
-from studies import kl_ablation, prior_ablation, sigmoid_ablation, tfr_ablation
+from studies import calibration, kl_ablation, prior_ablation, sigmoid_ablation, tfr_ablation
 from studies import report as report_module
 from studies.queue import cpu_count
 from studies.results import COLUMNS, FRAME_COLUMNS, load_study
@@ -21,7 +21,7 @@ EPOCH_METRICS = ["train/loss", "train/mse", "train/kl", "train/beta", "train/tfr
 FIGURES = ["beta.png", "teacher_forcing.png", "train_loss.png", "val_loss.png", "val_psnr.png",
            "psnr_per_frame.png", "filmstrip.png"]
 TABLES = ["metrics.csv", "metrics.parquet", "psnr_per_frame.csv", "psnr_per_frame.parquet",
-          "summary.csv", "summary.md"]
+          "summary.csv", "summary_readouts.csv", "summary.md"]
 SMOKE_VAL_FRAMES = 48
 KL_FLAT = ("teacher_forcing.png",)  # the KL arms train without teacher forcing: 0 throughout
 
@@ -71,7 +71,14 @@ def test_kl_study_runs_reports_reuses_resumes_and_redraws(tracking_store, tmp_pa
         assert len(workers) > 1  # the runs were shared
     else:
         assert first.stdout.count(": start") == 6
-    assert "| `kl_monotonic` |" in first.stdout
+    # The short summary: the study's readouts (auc first), each within 100 columns.
+    printed = first.stdout[first.stdout.index("kl_ablation: profile smoke"):
+                           first.stdout.index("report: ")]
+    assert max(len(line) for line in printed.splitlines()) <= 100, printed
+    assert "| `" not in printed and "auc (dB)" in printed and "final (dB)" in printed
+    assert printed.index("auc (dB)") < printed.index("epochs_to_floor") < \
+        printed.index("final (dB)")
+    assert any(line.startswith("kl_monotonic ") for line in printed.splitlines())
 
     client = MlflowClient()
     names = {e.name for e in client.search_experiments()}
@@ -155,14 +162,16 @@ def test_bad_arms_exit_2_listing_the_valid_ones(tracking_store, capsys):
     assert "tfr_off+kl_cyclical" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", [kl_ablation, tfr_ablation, sigmoid_ablation, prior_ablation])
+@pytest.mark.parametrize("module", [kl_ablation, tfr_ablation, sigmoid_ablation, prior_ablation,
+                                    calibration])
 def test_help_names_the_hyperparameters_and_the_command(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for word in ("Scientific", "Nuisance", "Fixed", f"python -m {module.__name__}", "--seeds",
-                 "--arms", "--profile", "--epochs", "--data", "--device"):
+                 "--arms", "--profile", "--epochs", "--data", "--device", "--until-decided",
+                 "--max-seeds", "--seed-step", "Readout"):
         assert word in text, word
 
 
