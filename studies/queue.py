@@ -109,12 +109,15 @@ def load_queue(url: str, name: str, **storage_options: Any) -> Queue:
         return read_queue(url, study)
 
 
-def coordinate(url: str, name: str, grid: Grid, *, read_data: bool = False) -> Queue:
+def coordinate(url: str, name: str, grid: Grid, *, read_data: bool = False,
+               device: str | None = None, private: bool = False) -> Queue:
     """Create the MLflow experiment and the parent run once (the studies' own, so a queue and
     ``python -m studies.<name>`` of one configuration share it and its report), then enqueue
     each (arm, seed) once, however many coordinators run at once. A dataset folder is read
     here first: bad data fails before anything exists; the synthetic data too when
-    ``read_data`` (workers start on this machine: its cache is made once)."""
+    ``read_data`` (workers start on this machine: its cache is made once). ``device``: the
+    parent's ``device`` tag (the local workers'; None when they run elsewhere). A
+    ``private`` queue (a temporary file removed at the end) is not named on the parent."""
     from experiments.data import load_data
     from studies.grid import open_study
 
@@ -141,10 +144,13 @@ def coordinate(url: str, name: str, grid: Grid, *, read_data: bool = False) -> Q
                 f"study {name!r} files its runs in MLflow experiment {attrs['experiment_id']} "
                 "of another tracking store; set MLFLOW_TRACKING_URI to the store the study "
                 "was created with")
-        client, run = open_study(grid, device="queue")
+        client, run = open_study(grid, device=device, runner="queue")
         add_seeds(client, run.parent_run_id, grid.seeds)
-        client.set_tag(run.parent_run_id, "optuna_study", name)
-        client.set_tag(run.parent_run_id, "optuna_storage", tracking.mask_secrets(url))
+        if not private:
+            client.set_tag(run.parent_run_id, "optuna_study", name)
+            client.set_tag(run.parent_run_id, "optuna_storage", tracking.mask_secrets(url))
+        else:
+            _forget_gone_queue(client, run.parent_run_id)
         seeds = sorted(set(attrs.get("seeds") or ()) | set(grid.seeds))
         with storages.storage_errors(url):
             for key, value in {**wanted, "seeds": seeds, "experiment": grid.study,
@@ -162,6 +168,17 @@ def coordinate(url: str, name: str, grid: Grid, *, read_data: bool = False) -> Q
         f"({counts_line(counts)}); MLflow experiment {run.experiment_id}, parent run "
         f"{run.parent_run_id}")
     return Queue(url, study, grid, run.experiment_id, run.parent_run_id)
+
+
+def _forget_gone_queue(client: Any, parent_run_id: str) -> None:
+    """Remove the parent's ``optuna_storage`` and ``optuna_study`` tags when the file they
+    name is gone (an earlier version tagged its private temporary queue)."""
+    tags = client.get_run(parent_run_id).data.tags
+    path = storages.storage_file(tags["optuna_storage"]) if "optuna_storage" in tags else None
+    if path is not None and not path.exists():
+        for key in ("optuna_storage", "optuna_study"):
+            if key in tags:
+                client.delete_tag(parent_run_id, key)
 
 
 def _describe(attrs: dict[str, Any]) -> str:
@@ -568,7 +585,8 @@ def run_queued(grid: Grid, *, device: str, jobs: int, storage: str | None = None
         own = storage is None
         url = f"{stack.enter_context(tempfile.TemporaryDirectory(prefix='cvae-queue-'))}" \
               "/queue.log" if own else storage
-        queue = coordinate(url, name, grid, read_data=jobs > 0)
+        queue = coordinate(url, name, grid, read_data=jobs > 0,
+                           device=device if jobs > 0 else None, private=own)
         if not wait_for_it:
             return None
         threads = max(1, cpu_count() // max(jobs, 1)) if device == "cpu" else 1
@@ -691,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "coordinate":
         grid = Grid(args.study, get_ablation(args.ablation), tuple(args.seeds), args.profile,
-                    epochs=args.epochs, data=args.data, doc=__doc__)
+                    epochs=args.epochs, data=args.data)  # described by its ablation
         queue = coordinate(args.storage, args.study, grid)
         if not args.wait:
             return 0
