@@ -172,7 +172,14 @@ class RunContext:
     experiment_id: str | None = None
     parent_run_id: str | None = None
     extra_tags: dict[str, str] = field(default_factory=dict)
-    label: str | None = None  # the run's name and progress label (default: ARM-sSEED)
+    # The run's name and progress label (default: ``run_name(ARM, SEED)``, ARM-s07).
+    label: str | None = None
+
+
+def run_name(arm: str, seed: int) -> str:
+    """A run's name, ``kl_cyclical-s07``: the seed in two digits, so that the MLflow runs
+    table sorted by name lists each arm's seeds in order (s02 before s10)."""
+    return f"{arm}-s{seed:02d}"
 
 
 def duration(seconds: float) -> str:
@@ -558,7 +565,7 @@ def _prepare(client: Any, spec: ExperimentSpec, context: RunContext, device: str
     loaded here, before any run exists (bad data creates no run)."""
     experiment_id = context.experiment_id or tracking.get_or_create_experiment(context.study)
     arm = context.arm or spec.name
-    label = context.label or f"{arm}-s{spec.seed}"
+    label = context.label or run_name(arm, spec.seed)
     name = f"{arm} seed {spec.seed}"
     timing = tracking.lease_timing()
     existing, action = _resume_point(experiment_id, spec, timing)

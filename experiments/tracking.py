@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,6 +67,7 @@ def configure() -> str:
     or a path through a file is a one-line ``TrackingError`` in milliseconds."""
     import mlflow
 
+    _quiet_store_logs()
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
@@ -77,6 +78,16 @@ def configure() -> str:
         probe_server(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def _quiet_store_logs() -> None:
+    """No INFO lines from creating or migrating a store's tables ("Creating initial MLflow
+    database tables..."): they printed before a command's own one-line error, and a new
+    store is nothing a user has to know about. Warnings and errors still show."""
+    import logging
+
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def writable_folder(folder: Path, *, what: str) -> None:
@@ -132,11 +143,54 @@ def probe_server(uri: str, *, timeout: float = 5.0) -> None:
                             f"{mask_secrets(str(reason))}") from None
 
 
-def get_or_create_experiment(name: str, *, retries: int = 3) -> str:
-    """Experiment id for ``name``, created once (with our artifact root for a local store)."""
+# The experiment tag MLflow 3 keeps an experiment's kind in, and the kind of every experiment
+# this project makes: model training (runs and their metrics), not a GenAI app (traces).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # an experiment's or a run's description in the MLflow UI
+
+
+# MLflow 3.17's UI opens an experiment as its global "GenAI" or "Model training" view
+# (remembered by the browser, GenAI at first), whatever the experiment's kind tag says; this
+# query in a link opens the Model training view (the runs).
+UI_VIEW = "workflowType=machine_learning"
+
+
+def ui_base(uri: str) -> str | None:
+    """The MLflow UI's address for a tracking server's URI (``http(s)://``), without its
+    credentials; None for any other store (its UI is ``mlflow ui``, wherever it runs)."""
+    import urllib.parse
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    parts = urllib.parse.urlsplit(uri)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query="",
+                          fragment="").geturl().rstrip("/")
+
+
+def run_url(experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the tracking server's MLflow UI; None for a local store."""
+    base = ui_base(tracking_uri())
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{UI_VIEW}" if base else None
+
+
+def experiment_tags(description: str = "") -> dict[str, str]:
+    """The tags of an experiment this project creates: its kind, and ``description`` (Markdown,
+    secrets masked) when given."""
+    tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+    if description.strip():
+        tags[NOTE_TAG] = mask_secrets(description.strip())
+    return tags
+
+
+def get_or_create_experiment(name: str, *, description: str = "", retries: int = 3) -> str:
+    """Experiment id for ``name``, created once (with our artifact root for a local store),
+    tagged as model training and with ``description``. An existing experiment gets those tags
+    only where it has none: a description or kind set since (in the UI) is kept."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    tags = experiment_tags(description)
     last: Exception | None = None
     for attempt in range(retries):
         try:
@@ -145,9 +199,12 @@ def get_or_create_experiment(name: str, *, retries: int = 3) -> str:
             if found is not None:
                 if found.lifecycle_stage == "deleted":
                     client.restore_experiment(found.experiment_id)
+                for key, value in tags.items():
+                    if key not in found.tags:
+                        client.set_experiment_tag(found.experiment_id, key, value)
                 return found.experiment_id
             location = artifact_root() if tracking_uri().startswith("sqlite:") else None
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=tags)
         except MlflowException as err:
             last = err
             if "already exists" in str(err) or "UNIQUE" in str(err):
@@ -221,6 +278,66 @@ def last_logged_step(run_id: str, key: str = "train/loss") -> int:
 
     history = MlflowClient().get_metric_history(run_id, key)
     return max((m.step for m in history), default=-1)
+
+
+def replace_metrics(client: Any, run_id: str,
+                    history: Mapping[str, Sequence[tuple[int, float]]], *,
+                    stale: Iterable[str] = ()) -> bool:
+    """Log ``history`` (key -> (step, value) pairs) on the run in place of what those keys,
+    and the ``stale`` ones, held before. True when the old values are gone.
+
+    MLflow has no call that deletes a metric, and its charts draw every value logged at a
+    step: a curve logged again with new values zigzags between the old and the new (seen in
+    the 3.17 UI). On a database store (SQLite, PostgreSQL: MLflow's SQLAlchemy store) the
+    keys' rows are deleted first, through that store. A tracking server cannot delete them:
+    there the new values are appended with a later timestamp, so that the runs table and
+    readers that keep the newest value per step (``studies.results``) show them, and False
+    is returned (unless nothing changed: then nothing is written)."""
+    from mlflow.entities import Metric
+
+    keys = set(history) | set(stale)
+    if not _delete_metrics(client, run_id, keys):
+        if _newest_per_step(client, run_id, keys) == {k: dict(v) for k, v in history.items()}:
+            return True
+        deleted = False
+    else:
+        deleted = True
+    now = int(1000 * time.time())
+    batch = [Metric(key, float(value), now, int(step))
+             for key, points in history.items() for step, value in points]
+    for start in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics
+        client.log_batch(run_id, metrics=batch[start:start + 1000], synchronous=True)
+    return deleted
+
+
+def _delete_metrics(client: Any, run_id: str, keys: set[str]) -> bool:
+    """Delete the run's values of ``keys`` on a database store; False on any other store."""
+    try:  # MLflow's own store behind the client (3.17: TrackingServiceClient.store)
+        from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        store = client._tracking_client.store
+    except (ImportError, AttributeError):
+        return False
+    if not isinstance(store, SqlAlchemyStore):
+        return False
+    if keys:
+        with store.ManagedSessionMaker() as session:
+            for table in (SqlMetric, SqlLatestMetric):
+                session.query(table).filter(table.run_uuid == run_id, table.key.in_(keys)) \
+                    .delete(synchronize_session=False)
+    return True
+
+
+def _newest_per_step(client: Any, run_id: str, keys: set[str]) -> dict[str, dict[int, float]]:
+    """key -> {step: the value logged last at that step} for the run's ``keys`` it has."""
+    held = client.get_run(run_id).data.metrics
+    newest: dict[str, dict[int, float]] = {}
+    for key in sorted(keys & set(held)):
+        history = sorted(client.get_metric_history(run_id, key),
+                         key=lambda m: (m.step, m.timestamp))
+        newest[key] = {m.step: m.value for m in history}
+    return newest
 
 
 # ---------------------------------------------------------------------------------------------

@@ -137,34 +137,45 @@ class StudyRun:
 # ---------------------------------------------------------------------------------------------
 # The parent run
 # ---------------------------------------------------------------------------------------------
-def open_study(grid: Grid, *, device: str) -> tuple[Any, StudyRun]:
-    """The study's experiment and this configuration's parent run (RUNNING): created, or
-    reused as it was (``device``, ``git_commit`` and ``spec_hashes`` updated)."""
+RUNNERS = ("local", "queue")  # the parent's ``runner`` tag: this process, or a work queue
+
+
+def open_study(grid: Grid, *, device: str | None, runner: str = "local") -> tuple[Any, StudyRun]:
+    """The study's experiment (model training, described) and this configuration's parent run
+    (RUNNING): created, or reused as it was (``device``, ``runner``, ``git_commit`` and
+    ``spec_hashes`` updated). ``device``: where this command trains (None: the queue's
+    workers, each on its own device, which their runs record)."""
     from mlflow.tracking import MlflowClient
 
     tracking.configure()
     client = MlflowClient()
-    experiment_id = tracking.get_or_create_experiment(grid.study)
+    experiment_id = tracking.get_or_create_experiment(grid.study,
+                                                      description=study_description(grid))
     hashes = ",".join(grid.spec_hashes)
     query = (f"tags.{results.PARENT_TAG} = '1' and "
              f"tags.{results.TAG_CONFIG} = {tracking.quote_filter_value(grid.key)}")
     found = results.search_all(client, [experiment_id], query)
+    now = {"git_commit": tracking.git_commit(), "runner": runner,
+           results.TAG_SPEC_HASHES: hashes}
     if found:
-        run_id = max(found, key=lambda r: r.info.start_time or 0).info.run_id
-        client.update_run(run_id, status="RUNNING")
-        for key, value in {"git_commit": tracking.git_commit(), "device": device,
-                           results.TAG_SPEC_HASHES: hashes}.items():
-            client.set_tag(run_id, key, value)
-        return client, StudyRun(grid.study, experiment_id, run_id)
+        run = max(found, key=lambda r: r.info.start_time or 0)
+        client.update_run(run.info.run_id, status="RUNNING")
+        for key, value in now.items():
+            client.set_tag(run.info.run_id, key, value)
+        if device is not None:
+            client.set_tag(run.info.run_id, "device", device)
+        elif "device" in run.data.tags:  # it said where an earlier command trained
+            client.delete_tag(run.info.run_id, "device")
+        return client, StudyRun(grid.study, experiment_id, run.info.run_id)
     ablation = grid.ablation
     tags = {
         "study": grid.study, results.PARENT_TAG: "1", results.TAG_CONFIG: grid.key,
-        results.TAG_SPEC_HASHES: hashes, results.TAG_ABLATION: ablation.name,
+        results.TAG_ABLATION: ablation.name,
         results.TAG_SCIENTIFIC: ablation.scientific, results.TAG_REFERENCE: ablation.reference,
         results.TAG_ARMS: ",".join(a.name for a in ablation.arms),
         results.TAG_GROUPS: ",".join(dict.fromkeys(a.group for a in ablation.arms)),
-        "profile": grid.profile, "device": device, "git_commit": tracking.git_commit(),
-        "mlflow.note.content": tracking.mask_secrets(grid.doc.strip().split("\n\n")[0]),
+        "profile": grid.profile, **now, **({"device": device} if device is not None else {}),
+        tracking.NOTE_TAG: tracking.mask_secrets(_headline(grid)),
     }
     run = client.create_run(experiment_id, tags=tags,
                             run_name=f"{grid.study}-{grid.profile}-{grid.epochs_each}ep")
@@ -174,6 +185,37 @@ def open_study(grid: Grid, *, device: str) -> tuple[Any, StudyRun]:
                        "reference_arm": ablation.reference}.items():
         client.log_param(run.info.run_id, key, value)
     return client, StudyRun(grid.study, experiment_id, run.info.run_id)
+
+
+def first_paragraph(text: str) -> str:
+    """A docstring's first paragraph on one line."""
+    return " ".join(text.strip().split("\n\n")[0].split())
+
+
+def _headline(grid: Grid) -> str:
+    """The study's docstring's first paragraph, or what its ablation is."""
+    if grid.doc.strip():
+        return first_paragraph(grid.doc)
+    ablation = grid.ablation
+    return f"Ablation `{ablation.name}`: {ablation.scientific}."
+
+
+def study_description(grid: Grid) -> str:
+    """The experiment's description in the MLflow UI (Markdown): what the study compares, and
+    where its runs, group curves and report are."""
+    ablation = grid.ablation
+    arms = ", ".join(f"`{a.name}`" + (" (reference)" if a.name == ablation.reference else "")
+                     for a in ablation.arms)
+    return (
+        f"{_headline(grid)}\n\n"
+        f"Arms: {arms}. One run per arm and seed (`<arm>-s<seed>`), under one parent run per "
+        f"configuration (`{grid.study}-<profile>-<epochs>ep`). The parent run holds each "
+        "arm's curves over seeds as metrics, step = epoch: `<arm>/val_psnr_mean`, "
+        "`<arm>/val_psnr_sd`, `<arm>/val_psnr_lo` and `<arm>/val_psnr_hi` (mean ∓ 1 sd), the "
+        "same for `train_loss` and `val_loss`, and the final numbers "
+        "(`<arm>/final_val_psnr_mean`, `<arm>/delta_vs_reference`); its artifacts hold the "
+        f"report's figures and summary under `report/` (also in `mlruns/reports/{grid.study}/`)."
+    )
 
 
 def add_seeds(client: Any, parent_run_id: str, seeds: Sequence[int]) -> None:

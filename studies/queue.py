@@ -110,13 +110,17 @@ def load_queue(url: str, name: str, beats: storages.Beats | None = None) -> Queu
 
 
 def coordinate(url: str, name: str, grid: Grid, *, read_data: bool = False,
-               beats: storages.Beats = storages.DEFAULT_BEATS) -> Queue:
+               beats: storages.Beats = storages.DEFAULT_BEATS, device: str | None = None,
+               private: bool = False) -> Queue:
     """Create the MLflow experiment and the parent run once (the studies' own, so a queue and
     ``python -m studies.<name>`` of one configuration share it and its report), then enqueue
     each (arm, seed) once, however many coordinators run at once. A dataset folder is read
     here first: bad data fails before anything exists; the synthetic data too when
     ``read_data`` (workers start on this machine: its cache is made once). The queue comes
-    back with ``beats``: a coordinator that waits fails and retries dead workers' pairs."""
+    back with ``beats``: a coordinator that waits fails and retries dead workers' pairs.
+    ``device``: the parent's ``device`` tag (the local workers'; None when they run
+    elsewhere). A ``private`` queue (a temporary file removed at the end) is not named on the
+    parent."""
     from experiments.data import load_data
     from studies.grid import open_study
 
@@ -143,10 +147,13 @@ def coordinate(url: str, name: str, grid: Grid, *, read_data: bool = False,
                 f"study {name!r} files its runs in MLflow experiment {attrs['experiment_id']} "
                 "of another tracking store; set MLFLOW_TRACKING_URI to the store the study "
                 "was created with")
-        client, run = open_study(grid, device="queue")
+        client, run = open_study(grid, device=device, runner="queue")
         add_seeds(client, run.parent_run_id, grid.seeds)
-        client.set_tag(run.parent_run_id, "optuna_study", name)
-        client.set_tag(run.parent_run_id, "optuna_storage", tracking.mask_secrets(url))
+        if not private:
+            client.set_tag(run.parent_run_id, "optuna_study", name)
+            client.set_tag(run.parent_run_id, "optuna_storage", tracking.mask_secrets(url))
+        else:
+            _forget_gone_queue(client, run.parent_run_id)
         seeds = sorted(set(attrs.get("seeds") or ()) | set(grid.seeds))
         with storages.storage_errors(url):
             for key, value in {**wanted, "seeds": seeds, "experiment": grid.study,
@@ -164,6 +171,17 @@ def coordinate(url: str, name: str, grid: Grid, *, read_data: bool = False,
         f"({counts_line(counts)}); MLflow experiment {run.experiment_id}, parent run "
         f"{run.parent_run_id}")
     return Queue(url, study, grid, run.experiment_id, run.parent_run_id)
+
+
+def _forget_gone_queue(client: Any, parent_run_id: str) -> None:
+    """Remove the parent's ``optuna_storage`` and ``optuna_study`` tags when the file they
+    name is gone (an earlier version tagged its private temporary queue)."""
+    tags = client.get_run(parent_run_id).data.tags
+    path = storages.storage_file(tags["optuna_storage"]) if "optuna_storage" in tags else None
+    if path is not None and not path.exists():
+        for key in ("optuna_storage", "optuna_study"):
+            if key in tags:
+                client.delete_tag(parent_run_id, key)
 
 
 def _describe(attrs: dict[str, Any]) -> str:
@@ -641,7 +659,8 @@ def run_queued(grid: Grid, how: Queueing, *, device: str, jobs: int,
         own = how.storage is None
         url = f"{stack.enter_context(tempfile.TemporaryDirectory(prefix='cvae-queue-'))}" \
               "/queue.log" if own else how.storage
-        queue = coordinate(url, name, grid, read_data=jobs > 0, beats=how.beats)
+        queue = coordinate(url, name, grid, read_data=jobs > 0, beats=how.beats,
+                           device=device if jobs > 0 else None, private=own)
         if not how.wait:
             return None
         threads = max(1, cpu_count() // max(jobs, 1)) if device == "cpu" else 1
@@ -763,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"${storages.ENV_FILE}, a file only you can read)")
     if args.command == "coordinate":
         grid = Grid(args.study, get_ablation(args.ablation), tuple(args.seeds), args.profile,
-                    epochs=args.epochs, data=args.data, doc=__doc__)
+                    epochs=args.epochs, data=args.data)  # described by its ablation
         queue = coordinate(url, args.study, grid)
         if not args.wait:
             return 0

@@ -39,19 +39,18 @@ from typing import Any
 
 import pandas as pd
 
-from studies import plots, summary
+from studies import catalog, plots, summary
 from studies.results import (
+    REPORTS,
     StudyMeta,
     StudyResults,
     client_or_default,
-    find_parents,
     has_artifact,
     load_study,
     prediction_arrays,
     write_tables,
 )
-
-REPORTS = Path("mlruns") / "reports"  # every report's default folder (studies.tune's too)
+from studies.ui import log_group_metrics
 
 
 @dataclass
@@ -355,27 +354,41 @@ def write_report(results: StudyResults, out_dir: str | Path | None = None, *,
     if log_to_parent and meta.parent_run_id is not None:
         for path in report.files:
             client.log_artifact(meta.parent_run_id, str(path), "report")
+        log_group_metrics(client, results, report.summary, report.group_summary)
     return report
 
 
 def report_study(study: str, *, parent_run_id: str | None = None,
                  out_root: str | Path | None = None, client: Any | None = None) -> Report:
-    """Load ``study`` from MLflow and write its report; a study without finished runs is an
-    error (``LookupError``)."""
+    """Load ``study`` from MLflow and write its report; a study without finished runs, or
+    one the store does not hold (the error lists those it holds), is a ``LookupError``."""
     client = client_or_default(client)
     results = load_study(study, parent_run_id=parent_run_id, client=client)
     if not results.runs:
+        entries = catalog.find(client)
+        if study not in {e.study for e in entries}:
+            raise LookupError(unknown_study(study, entries))
         raise LookupError(f"study {study!r} has no FINISHED runs in the tracking store")
     out = Path(out_root) / study if out_root is not None else None
     return write_report(results, out, client=client)
 
 
+def unknown_study(study: str, entries: list[catalog.Entry]) -> str:
+    """One line: the study is not in the store, and those that are."""
+    kinds = {e.study: e.kind for e in entries}
+    known = ", ".join(f"{name} ({kind})" for name, kind in kinds.items()) or "none"
+    return f"no study {study!r} in {catalog.store_name()}; studies there: {known}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m studies.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from experiments.cli import Parser  # imports torch (via the runner): only when run
+
+    parser = Parser(prog="python -m studies.report", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", default=None,
-                        help="a study (MLflow experiment) name, e.g. kl_ablation "
-                             "(default: every study with a parent run)")
+                        help="a study (MLflow experiment) name, e.g. kl_ablation or "
+                             "tune-report_final-cpu-8ep (default: every ablation and tuning "
+                             "study; python -m studies list shows them)")
     parser.add_argument("--parent", default=None, metavar="RUN_ID",
                         help="report this parent run's configuration (needs --study)")
     parser.add_argument("--out", default=None, metavar="DIR",
@@ -384,32 +397,62 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: list[str] | None) -> int:
-    from experiments import tracking
-    from experiments.cli import fail, writable_folder
+    from experiments.cli import USER_ERRORS, fail, writable_folder
+    from experiments.tracking import first_line
 
     args = build_parser().parse_args(argv)
     if args.parent and not args.study:
         return fail("--parent needs --study")
     if args.out is not None:
         writable_folder(args.out)
-    client = client_or_default()
+    client = catalog.open_store()
+    entries = catalog.find(client)
     if args.study:
-        studies = [args.study]
+        chosen = [e for e in entries if e.study == args.study]
+        if not chosen:
+            return fail(unknown_study(args.study, entries))
     else:
-        studies = list(dict.fromkeys(r.data.tags["study"] for r in find_parents(client)
-                                     if r.data.tags.get("study")))
-        if not studies:
-            return fail(f"no study parent runs in {tracking.tracking_uri()}; run a study "
-                        "first, e.g. python -m studies.kl_ablation")
-    for study in studies:
+        chosen = [e for e in entries if e.kind != "runs"]
+        if not chosen:
+            return fail(f"no study parent runs in {catalog.store_name()}; run a study first, "
+                        "e.g. python -m studies.kl_ablation")
+    failed = False
+    for study in dict.fromkeys(e.study for e in chosen):
+        mine = [e for e in chosen if e.study == study]
         try:
+            if mine[0].kind == "tuning":
+                _redraw_tuning(client, mine, parent_run_id=args.parent, out_root=args.out)
+                continue
             report = report_study(study, parent_run_id=args.parent, out_root=args.out,
                                   client=client)
-        except LookupError as err:
-            return fail(str(err))
+        except (LookupError, *USER_ERRORS) as err:  # one line, then the other studies
+            failed = bool(fail(first_line(err)))
+            continue
         print(report.markdown)
         print(f"{study}: {len(report.files)} files in {report.out_dir}/", flush=True)
-    return 0
+    return 2 if failed else 0
+
+
+def _redraw_tuning(client: Any, entries: list[catalog.Entry], *, parent_run_id: str | None,
+                   out_root: str | None) -> None:
+    """Each tuning study of the experiment (or the one of ``parent_run_id``), redrawn."""
+    from experiments.spec import SpecError
+    from studies import tuning  # imports torch (via the runner): only for tuning studies
+
+    if parent_run_id is not None:
+        study = entries[0].study
+        entries = [e for e in entries if e.parent.info.run_id == parent_run_id]
+        if not entries:
+            raise SpecError(f"run {parent_run_id} is not a parent run of study {study!r}")
+    for entry in entries:
+        out, files, notes = tuning.redraw_report(
+            client, entry.parent, out_root=Path(out_root) if out_root is not None else None)
+        for note in notes:
+            print(f"[{entry.name}] note: {note}", flush=True)
+        print(f"[{entry.name}] tuning report: {len(files)} files in {out}/ (plots and "
+              "trials.csv from its Optuna storage; best_spec.toml as studies.tune wrote it; "
+              f"also logged to parent run {entry.parent.info.run_id} under tuning/)",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,8 @@ SEQUENTIAL_TAGS = (TAG_SEQUENTIAL_READOUT, TAG_SEQUENTIAL_LOOKS, TAG_SEQUENTIAL_
                    TAG_SEQUENTIAL_SEEDS)
 PARENT_ID_TAG = "mlflow.parentRunId"
 
+REPORTS = Path("mlruns") / "reports"  # every report's default folder, one per study
+
 COLUMNS = ["run_id", "study", "arm", "group", "seed", "epoch", "metric", "value"]
 FRAME_COLUMNS = ["run_id", "study", "arm", "group", "seed", "epoch", "frame", "metric", "value"]
 PER_FRAME_METRICS = {"psnr": "val/psnr_per_frame",
@@ -201,7 +203,7 @@ def study_children(client: Any, study: str,
     _label_configurations([*finished.values(), *unfinished])
 
     def ordered(runs):
-        return sorted(runs, key=lambda r: (r.data.tags.get("arm", ""), _seed(r)))
+        return sorted(runs, key=lambda r: (r.data.tags.get("arm", ""), run_seed(r)))
 
     return ordered(finished.values()), ordered(unfinished)
 
@@ -223,7 +225,7 @@ def _newest_per_pair(client: Any, study: str, parent_run_id: str | None,
         spec = run.data.tags.get("spec_hash", run.info.run_id)
         if is_parent(run) or (hashes is not None and spec not in hashes):
             continue
-        key = (spec, _seed(run))
+        key = (spec, run_seed(run))
         if key not in newest or run.info.start_time > newest[key].info.start_time:
             newest[key] = run
     return newest
@@ -249,7 +251,8 @@ def _label_configurations(runs: Sequence[Any]) -> None:
             tags["arm"] = label
 
 
-def _seed(run: Any) -> int:
+def run_seed(run: Any) -> int:
+    """The run's seed (tag, else param); -1 when it has none."""
     try:
         return int(run.data.tags.get("seed", run.data.params.get("seed", -1)))
     except ValueError:
@@ -278,7 +281,7 @@ def study_meta(study: str, runs: Sequence[Any], parent: Any | None = None) -> St
         scientific=tags.get(TAG_SCIENTIFIC, ""),
         profile=tags.get("profile") or "+".join(profiles),
         reference=tags.get(TAG_REFERENCE) or (arms[0] if arms else ""),
-        arms=arms, groups=groups, seeds=sorted({_seed(r) for r in runs}),
+        arms=arms, groups=groups, seeds=sorted({run_seed(r) for r in runs}),
         readouts=_split(tags.get(TAG_READOUTS)) or ["final"],
         sequential=SequentialDesign.from_tags(tags),
     )
@@ -291,7 +294,7 @@ def _labels(run: Any, study: str) -> dict[str, Any]:
     tags = run.data.tags
     arm = tags.get("arm", run.info.run_name or run.info.run_id)
     return {"run_id": run.info.run_id, "study": tags.get("study", study), "arm": arm,
-            "group": tags.get("group", arm), "seed": _seed(run)}
+            "group": tags.get("group", arm), "seed": run_seed(run)}
 
 
 def tidy_metrics(client: Any, runs: Iterable[Any], *, study: str = "",

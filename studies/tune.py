@@ -77,7 +77,7 @@ from experiments.registry import (
 from experiments.spec import ExperimentSpec, SpecError, apply_overrides, flatten, spec_hash
 from studies import queue, results, tuning
 from studies import storage as storages
-from studies.grid import Grid, run_here
+from studies.grid import Grid, first_paragraph, run_here
 from studies.report import REPORTS
 
 
@@ -290,7 +290,8 @@ def tune_study(job: tuning.StudyJob, *, workers: int, data: Any, root: str) -> S
         plan = tuning.plan_trials(study, job.search.n_trials)
     tracking.configure()
     client = MlflowClient()
-    job.experiment_id = tracking.get_or_create_experiment(job.grid.study)
+    job.experiment_id = tracking.get_or_create_experiment(job.grid.study,
+                                                          description=describe_tuning(job))
     job.parent_run_id = _parent_run(client, job)
     workers = min(workers, max(plan.to_run, 1))
     print(f"[{job.study_name}] {plan.done} of {job.search.n_trials} trials done, running "
@@ -317,6 +318,20 @@ def tune_study(job: tuning.StudyJob, *, workers: int, data: Any, root: str) -> S
     return result
 
 
+def describe_tuning(job: tuning.StudyJob) -> str:
+    """The tuning experiment's description in the MLflow UI (Markdown)."""
+    space = "; ".join(p.describe() for p in job.search.space.params)
+    return (
+        f"{first_paragraph(__doc__)}\n\n"
+        f"Spec `{job.base.name}`, profile `{job.grid.profile}`, {job.base.train.epochs} epochs; "
+        f"objective: final {tuning.OBJECTIVE} (maximized); searched: {space}. One parent run "
+        "per Optuna study (named after it), one child run per trial (`<spec>-trial<NNN>`, "
+        "tags `trial` and `trial_state` = COMPLETE | PRUNED | FAIL). The parent's artifacts "
+        "hold the plots, `trials.csv` and `best_spec.toml` under `tuning/` (also in "
+        "`mlruns/reports/<Optuna study>/`)."
+    )
+
+
 def _run_workers(job: tuning.StudyJob, workers: int) -> int:
     """``workers`` ``--worker`` processes of this very command (``job.argv``), sharing the
     cores; returns how many exited with an error."""
@@ -341,11 +356,7 @@ def report(job: tuning.StudyJob, client: Any, *, root: str) -> StudyResult:
     out = REPORTS / name
     out.mkdir(parents=True, exist_ok=True)
     counts, best = tuning.counts(study), tuning.best_trial(study)
-    files, notes = tuning.write_plots(study, out)
-    table = study.trials_dataframe()
-    if len(table):
-        table.to_csv(out / "trials.csv", index=False)
-        files.append(out / "trials.csv")
+    files, notes = tuning.write_report_files(study, out)
     print(f"[{name}] {len(study.trials)} trials: {counts['COMPLETE']} complete, "
           f"{counts['PRUNED']} pruned, {counts['FAIL']} failed"
           + (f", {counts['RUNNING']} still running" if counts["RUNNING"] else ""), flush=True)

@@ -48,6 +48,7 @@ from experiments.registry import PROFILE_SETTINGS, SPECS, Arm, read_toml, resolv
 from experiments.runner import RunContext, run_experiment
 from experiments.spec import ExperimentSpec, SpecError, apply_overrides, flatten, spec_hash
 from studies.grid import Grid
+from studies.results import REPORTS
 
 OBJECTIVE = "val/psnr"
 TARGET_NAME = "final val/psnr (dB)"
@@ -351,7 +352,8 @@ class Objective:
         context = replace(self.context, experiment_id=experiment_id, extra_tags={
             **self.context.extra_tags, "trial": str(trial.number),
             "optuna_study": self.study_name},
-            label=f"{self.context.arm or spec.name}-trial{trial.number}")
+            # Three digits: the runs table sorted by name lists trials in order.
+            label=f"{self.context.arm or spec.name}-trial{trial.number:03d}")
         try:
             outcome = run_experiment(spec, context=context, device=self.device, data=self.data,
                                      progress=self.progress,
@@ -384,7 +386,8 @@ class Objective:
     def _mark(self, trial: optuna.trial.BaseTrial, experiment_id: str, spec: ExperimentSpec,
               run_id: str | None, state: str) -> None:
         """Tag the trial's MLflow run with its Optuna state (and the trial number, which a
-        retried trial changes); remember the run id on the trial."""
+        retried trial changes); remember the run id on the trial, and on a tracking server
+        the run's page (``mlflow_run_url``)."""
         from mlflow.tracking import MlflowClient
 
         try:
@@ -398,6 +401,9 @@ class Objective:
             client.set_tag(run_id, "trial_state", state)
             client.set_tag(run_id, "trial", str(trial.number))
             trial.set_user_attr("mlflow_run_id", run_id)
+            url = tracking.run_url(experiment_id, run_id)  # a server: a link in the dashboard
+            if url is not None:
+                trial.set_user_attr("mlflow_run_url", url)
         except Exception as err:  # noqa: BLE001 (a store error must not hide the trial's outcome)
             print(f"warning: could not tag the MLflow run of trial {trial.number}: "
                   f"{tracking.first_line(err)}")
@@ -467,6 +473,10 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, *,
                                      f"{tracking.first_line(err)}") from None
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise SpecError(f"Optuna study {name!r} exists and minimizes; use another --study-name")
+    if study.metric_names != [OBJECTIVE]:  # the dashboard's name for the value, not "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([OBJECTIVE])
     if identity is not None:
         attrs = study.user_attrs
         for key, value in identity.items():
@@ -685,6 +695,47 @@ def write_plots(study: optuna.Study, out_dir: Path, *,
                              "(colour: trial number)", integer_params=integer_params,
                              floor=floor))
     return written, notes
+
+
+def write_report_files(study: optuna.Study, out_dir: Path, *,
+                       floor: float | None = None) -> tuple[list[Path], list[str]]:
+    """The plots (``write_plots``) and ``trials.csv``: what a tuning report draws from the
+    Optuna study alone."""
+    files, notes = write_plots(study, out_dir, floor=floor)
+    table = study.trials_dataframe()
+    if len(table):
+        table.to_csv(out_dir / "trials.csv", index=False)
+        files.append(out_dir / "trials.csv")
+    return files, notes
+
+
+def redraw_report(client: Any, parent: Any, *, out_root: Path | None = None
+                  ) -> tuple[Path, list[Path], list[str]]:
+    """A tuning study's plots and ``trials.csv`` redrawn from its Optuna storage (its parent
+    run's ``optuna_storage`` and ``optuna_study`` tags) and logged to the parent under
+    ``tuning/``; ``best_spec.toml`` stays as ``studies.tune`` wrote it. Returns the folder,
+    its files and notes. A storage that is gone or whose password the tag masks is a
+    one-line ``SpecError``."""
+    from studies import storage as storages
+
+    tags = parent.data.tags
+    name, url = tags.get("optuna_study", ""), tags.get("optuna_storage", "")
+    where = f"tuning study {name!r} (MLflow parent run {parent.info.run_id})"
+    if not name or not url:
+        raise SpecError(f"{where} names no Optuna storage: rerun its studies.tune command")
+    if "***" in url:
+        raise SpecError(f"{where}: its storage {url} needs a password, which is not "
+                        "recorded; rerun its studies.tune command with --storage")
+    path = storages.storage_file(url)
+    if path is not None and not path.is_file():
+        raise SpecError(f"{where}: its storage {path} is gone")
+    with storages.storage_errors(url):
+        study = optuna.load_study(study_name=name, storage=storages.open_storage(url))
+    out = (out_root if out_root is not None else REPORTS) / name
+    files, notes = write_report_files(study, out)
+    for file in files:
+        client.log_artifact(parent.info.run_id, str(file), "tuning")
+    return out, files, notes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,8 +41,8 @@ def test_packed_members_log_what_they_log_alone(tracking_store, tmp_path, monkey
                                                 mlflow_template_db):
     assert kl_ablation.main([*SMOKE, "--pack", "3"]) == 0
     out = capsys.readouterr().out
-    assert "packs of up to 3" in out and "packed: kl_cyclical-s0, kl_monotonic-s0, " \
-        "kl_constant-s0 train together from epoch 0" in out
+    assert "packs of up to 3" in out and "packed: kl_cyclical-s00, kl_monotonic-s00, " \
+        "kl_constant-s00 train together from epoch 0" in out
     client = MlflowClient()
     packed = _histories(client)
     assert set(packed) == {"kl_cyclical", "kl_monotonic", "kl_constant"}
