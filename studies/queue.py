@@ -129,24 +129,8 @@ def coordinate(url: str, name: str, grid: Grid, *, read_data: bool = False,
     for spec_data in {run.spec.data for run in grid.runs}:
         if read_data or spec_data.source != "synthetic":
             load_data(spec_data, grid.profile)
-    wanted = {"ablation": grid.ablation.name, "profile": grid.profile, "epochs": grid.epochs,
-              "data": grid.data}
     with storages.exclusive(url):
-        storage = beating_storage(url, beats)
-        with storages.storage_errors(url):
-            study = optuna.create_study(storage=storage, study_name=name,
-                                        direction="maximize", load_if_exists=True)
-        attrs = study.user_attrs
-        had = {k: attrs.get(k) for k in wanted}
-        if "ablation" in attrs and had != wanted:
-            raise SpecError(f"study {name!r} already queues {_describe(had)}; this asks for "
-                            f"{_describe(wanted)}: use another --study")
-        if "ablation" in attrs and \
-                attrs.get("experiment_id") != tracking.get_or_create_experiment(grid.study):
-            raise tracking.TrackingError(
-                f"study {name!r} files its runs in MLflow experiment {attrs['experiment_id']} "
-                "of another tracking store; set MLFLOW_TRACKING_URI to the store the study "
-                "was created with")
+        study = _queue_study(url, name, grid, beats)
         client, run = open_study(grid, device=device, runner="queue")
         add_seeds(client, run.parent_run_id, grid.seeds)
         if not private:
@@ -154,23 +138,54 @@ def coordinate(url: str, name: str, grid: Grid, *, read_data: bool = False,
             client.set_tag(run.parent_run_id, "optuna_storage", tracking.mask_secrets(url))
         else:
             _forget_gone_queue(client, run.parent_run_id)
-        seeds = sorted(set(attrs.get("seeds") or ()) | set(grid.seeds))
         with storages.storage_errors(url):
-            for key, value in {**wanted, "seeds": seeds, "experiment": grid.study,
-                               "experiment_id": run.experiment_id,
-                               "parent_run_id": run.parent_run_id}.items():
-                if attrs.get(key, ...) != value:
-                    study.set_user_attr(key, value)
-            for pair in grid.runs:
-                study.enqueue_trial({"arm": pair.arm.name, "seed": pair.seed},
-                                    skip_if_exists=True)
-            counts = pair_states(study)
+            counts = _enqueue(study, grid, run)
         if not (counts["waiting"] or counts["running"]):
             close_parent(study, run.parent_run_id)  # nothing new: open_study reopened it
     say(f"study {name}: {len(grid.chosen)} arms x {len(grid.seeds)} seeds queued in {url} "
         f"({counts_line(counts)}); MLflow experiment {run.experiment_id}, parent run "
         f"{run.parent_run_id}")
     return Queue(url, study, grid, run.experiment_id, run.parent_run_id)
+
+
+def _plan(grid: Grid) -> dict[str, Any]:
+    """What a queue's pairs run: stored in its user attrs, the same for every coordinator."""
+    return {"ablation": grid.ablation.name, "profile": grid.profile, "epochs": grid.epochs,
+            "data": grid.data}
+
+
+def _queue_study(url: str, name: str, grid: Grid, beats: storages.Beats) -> optuna.Study:
+    """The queue's Optuna study, created or loaded; one that queues another plan, or files
+    its runs in another tracking store, is refused."""
+    with storages.storage_errors(url):
+        study = optuna.create_study(storage=beating_storage(url, beats), study_name=name,
+                                    direction="maximize", load_if_exists=True)
+    attrs, wanted = study.user_attrs, _plan(grid)
+    had = {k: attrs.get(k) for k in wanted}
+    if "ablation" in attrs and had != wanted:
+        raise SpecError(f"study {name!r} already queues {_describe(had)}; this asks for "
+                        f"{_describe(wanted)}: use another --study")
+    if "ablation" in attrs and \
+            attrs.get("experiment_id") != tracking.get_or_create_experiment(grid.study):
+        raise tracking.TrackingError(
+            f"study {name!r} files its runs in MLflow experiment {attrs['experiment_id']} of "
+            "another tracking store; set MLFLOW_TRACKING_URI to the store the study was "
+            "created with")
+    return study
+
+
+def _enqueue(study: optuna.Study, grid: Grid, run: StudyRun) -> dict[str, int]:
+    """The plan into the study's user attrs, each (arm, seed) enqueued once; the counts."""
+    attrs = study.user_attrs
+    seeds = sorted(set(attrs.get("seeds") or ()) | set(grid.seeds))
+    for key, value in {**_plan(grid), "seeds": seeds, "experiment": grid.study,
+                       "experiment_id": run.experiment_id,
+                       "parent_run_id": run.parent_run_id}.items():
+        if attrs.get(key, ...) != value:
+            study.set_user_attr(key, value)
+    for pair in grid.runs:
+        study.enqueue_trial({"arm": pair.arm.name, "seed": pair.seed}, skip_if_exists=True)
+    return pair_states(study)
 
 
 def _forget_gone_queue(client: Any, parent_run_id: str) -> None:

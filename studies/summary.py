@@ -648,8 +648,7 @@ READOUT_COLUMNS = ["readout", "better_when", "n", "runs", "seeds", "censored", "
 
 
 def summarize_readouts(metrics: pd.DataFrame, *, reference: str, by: str = "arm",
-                       order: Sequence[str] | None = None, metric: str = "val/psnr",
-                       confidence: float = CONFIDENCE,
+                       order: Sequence[str] | None = None, confidence: float = CONFIDENCE,
                        boundaries: SequentialBoundaries | None = None, power: float = POWER,
                        readouts: Sequence[Readout] = READOUTS) -> pd.DataFrame:
     """One row per (readout, ``by`` value), readouts in ``readouts`` order: mean ± sd and t
@@ -658,7 +657,7 @@ def summarize_readouts(metrics: pd.DataFrame, *, reference: str, by: str = "arm"
     ``reference``, the verdict respecting each readout's direction (``better_when``: lower
     epochs-to-threshold and train loss are better). Readouts no run has (no train loss
     logged, no floor) are left out. A long table: ``to_csv(index=False)`` writes it whole."""
-    seeds = _per_seed(metrics, by=by, metric=metric)
+    seeds = _per_seed(metrics, by=by, metric="val/psnr")  # the readouts are of val PSNR
     names = _ordered(seeds, by, order)
     rows = []
     for readout in readouts:
