@@ -37,23 +37,17 @@ summary gives the seeds a difference of the observed size would need).
 
 Readout that answers the question: ``final`` (val PSNR at the last epoch); the summary shows
 every readout, ``final`` first, and the copy should be undecided on each of them.
-
-Figures and the summary go to ``mlruns/reports/calibration/``; redraw them with
-``python -m studies.report --study calibration``. Rerunning reuses finished runs and resumes
-interrupted ones (``--until-decided`` continues its rounds).
 """
 
 from __future__ import annotations
 
 import sys
 
-from studies.cli import Study, run_cli
+from studies.cli import Study
 
 STUDY = Study(name="calibration", ablation="calibration", doc=__doc__, readouts=("final",))
 
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(STUDY, argv)
+main = STUDY.main
 
 
 if __name__ == "__main__":

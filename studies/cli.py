@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, replace
 
@@ -78,6 +79,10 @@ class Study:
     def primary(self) -> str:
         return self.readouts[0]
 
+    def main(self, argv: list[str] | None = None) -> int:
+        """``python -m studies.<name>``: this study's command (``run_cli``)."""
+        return run_cli(self, argv)
+
 
 def default_jobs(device: str, runs: int) -> int:
     """Runs at once on this machine: on a CPU one single-threaded process per core (measured
@@ -104,8 +109,17 @@ def default_pack(device: str) -> int:
 
 
 def build_parser(study: Study, prog: str) -> argparse.ArgumentParser:
+    studies = " and ".join([study.name, *(v.study for v in study.variants)])
     parser = Parser(prog=prog, description=study.doc,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog=textwrap.fill(
+                        f"Runs go to the MLflow experiment{'s' * bool(study.variants)} {studies} "
+                        "under one parent run "
+                           "per configuration; the figures and the summary to "
+                           "mlruns/reports/<experiment>/ (redraw them with python -m "
+                           "studies.report --study <experiment>). Rerunning the command "
+                           "reuses finished runs and resumes interrupted ones (with "
+                           "--until-decided it goes on with its rounds).", 92))
     names = [a.name for a in get_ablation(study.ablation).arms]
     parser.add_argument("--seeds", type=seed_arg, nargs="+", default=list(study.default_seeds),
                         help=f"seeds per arm (default: {' '.join(map(str, study.default_seeds))})")

@@ -25,25 +25,18 @@ training (the area under the curve per epoch: it rewards learning early as well 
 high), with ``epochs_to_floor`` (the first epoch at the copy-first floor + 1 dB, censored at
 the last epoch) and ``final`` (val PSNR at the last epoch) beside it. ``--until-decided``
 tests ``auc``; the summary shows all three first, then the others.
-
-Runs go to the MLflow experiment ``kl_ablation`` under one parent run; the figures and the
-summary table are written to ``mlruns/reports/kl_ablation/`` (redraw them with
-``python -m studies.report --study kl_ablation``). Rerunning the command reuses finished runs
-and resumes interrupted ones.
 """
 
 from __future__ import annotations
 
 import sys
 
-from studies.cli import Study, run_cli
+from studies.cli import Study
 
 STUDY = Study(name="kl_ablation", ablation="kl", doc=__doc__,
               readouts=("auc", "epochs_to_floor", "final"))
 
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(STUDY, argv)
+main = STUDY.main
 
 
 if __name__ == "__main__":

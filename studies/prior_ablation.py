@@ -20,23 +20,17 @@ MLflow experiment ``prior_ablation``:
 Readout that answers the question: ``final`` (val PSNR at the last epoch: does the learned
 prior end with better predictions?); ``--until-decided`` tests it; the summary shows every
 readout, ``final`` first.
-
-Figures and the summary go to ``mlruns/reports/prior_ablation/``; redraw them with
-``python -m studies.report --study prior_ablation``. Rerunning reuses finished runs and
-resumes interrupted ones.
 """
 
 from __future__ import annotations
 
 import sys
 
-from studies.cli import Study, run_cli
+from studies.cli import Study
 
 STUDY = Study(name="prior_ablation", ablation="prior", doc=__doc__)
 
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(STUDY, argv)
+main = STUDY.main
 
 
 if __name__ == "__main__":

@@ -18,23 +18,17 @@ as the MLflow experiment ``sigmoid_ablation``:
 
 Readout that answers the question: ``final`` (val PSNR at the last epoch: the report's ~33 vs
 ~36-37 dB); ``--until-decided`` tests it; the summary shows every readout, ``final`` first.
-
-Figures and the summary go to ``mlruns/reports/sigmoid_ablation/``; redraw them with
-``python -m studies.report --study sigmoid_ablation``. Rerunning reuses finished runs and
-resumes interrupted ones.
 """
 
 from __future__ import annotations
 
 import sys
 
-from studies.cli import Study, run_cli
+from studies.cli import Study
 
 STUDY = Study(name="sigmoid_ablation", ablation="output", doc=__doc__)
 
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(STUDY, argv)
+main = STUDY.main
 
 
 if __name__ == "__main__":

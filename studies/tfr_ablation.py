@@ -29,17 +29,13 @@ mean ± 1 sd across its runs (3 KL arms × seeds), as in Table 1. The group summ
 each seed once (the mean of its runs over the group's arms, which share the seed): its
 intervals are over seeds, not runs. Reference arm: ``tfr_decay+kl_cyclical``; reference group:
 ``tfr_decay``.
-
-Figures and the summary go to ``mlruns/reports/<experiment>/``; redraw them with
-``python -m studies.report --study tfr_ablation`` (or ``tfr_report_groups``). Rerunning
-reuses finished runs and resumes interrupted ones.
 """
 
 from __future__ import annotations
 
 import sys
 
-from studies.cli import Study, Variant, run_cli
+from studies.cli import Study, Variant
 
 STUDY = Study(
     name="tfr_ablation",
@@ -51,9 +47,7 @@ STUDY = Study(
                       "tfr_report_groups)"),),
 )
 
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(STUDY, argv)
+main = STUDY.main
 
 
 if __name__ == "__main__":
