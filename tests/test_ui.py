@@ -238,9 +238,14 @@ def test_list_and_report_tell_ablation_from_tuning_studies(tracking_store, tmp_p
     study = optuna.load_study(study_name="tiny-smoke-1ep", storage="sqlite:///mlruns/optuna.db")
     assert study.metric_names == ["val/psnr"]
     client = MlflowClient()
-    assert [r.info.run_name for r in client.search_runs(
-        [client.get_experiment_by_name("kl_ablation").experiment_id])
-        if "arm" in r.data.tags] == ["kl_cyclical-s00"]
+    (run,) = [r for r in client.search_runs(
+        [client.get_experiment_by_name("kl_ablation").experiment_id]) if "arm" in r.data.tags]
+    assert run.info.run_name == "kl_cyclical-s00"
+    # The spec's prose (written for the registered spec: "40 cycles") is the run's note, not
+    # a param that disagrees with the params the profile resolved.
+    assert "description" not in run.data.params and run.data.params["kl.cycles"] != "40"
+    note = run.data.tags["mlflow.note.content"]
+    assert "40 cycles" in note and "resolved it under the `smoke` profile" in note
     capsys.readouterr()
 
     assert studies_main.main(["list"]) == 0
