@@ -123,7 +123,7 @@ def test_metric_key_prefixes_are_keys_mlflow_takes(name, key, tracking_store):
     client.log_metric(run.info.run_id, f"{key}/val_psnr_mean", 1.0)  # raises if refused
 
 
-def test_a_tracking_server_appends_and_says_so(tracking_store, monkeypatch):
+def test_a_tracking_server_appends_only_what_changed(tracking_store, monkeypatch):
     """Where the store cannot delete (a tracking server), new values are appended after the
     old ones, and an unchanged redraw writes nothing."""
     client = MlflowClient()
@@ -264,6 +264,12 @@ def test_list_and_report_tell_ablation_from_tuning_studies(tracking_store, tmp_p
         in out
     assert studies_main.main(["list", "tune-*"]) == 0
     assert "kl_ablation" not in capsys.readouterr().out
+    for name in ("kl_ablation", "tune-tiny-smoke-1ep"):
+        assert client.get_experiment_by_name(name).tags["mlflow.experimentKind"] == \
+            "custom_model_development"
+    with pytest.raises(SystemExit) as exit_info:
+        studies_main.main(["--help"])
+    assert exit_info.value.code == 0 and "python -m studies list" in capsys.readouterr().out
 
     # The report redraws each study as what it is: no ablation report of the tuning study.
     trials_csv = tmp_path / "mlruns" / "reports" / "tiny-smoke-1ep" / "trials.csv"
