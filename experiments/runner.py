@@ -176,6 +176,20 @@ class RunContext:
     label: str | None = None
 
 
+def run_params(spec: ExperimentSpec) -> dict[str, Any]:
+    """The run's MLflow params: the resolved spec's values, flattened (``kl.cycles``, ...).
+    Not its ``description``: that prose is written for the spec as registered (the report's
+    "40 cycles"), which a profile resolves to other numbers; it goes in the run's note."""
+    return {key: value for key, value in flatten(spec).items() if key != "description"}
+
+
+def run_note(spec: ExperimentSpec, profile: str) -> str:
+    """The run's description in the MLflow UI: the spec's, and what the params are."""
+    return (f"{spec.description}\n\n(The spec as registered. This run resolved it under the "
+            f"`{profile}` profile: its params hold the values it trained with, such as the "
+            "epochs, widths and epoch-indexed schedules.)")
+
+
 def run_name(arm: str, seed: int) -> str:
     """A run's name, ``kl_cyclical-s07``: the seed in two digits, so that the MLflow runs
     table sorted by name lists each arm's seeds in order (s02 before s10)."""
@@ -437,8 +451,10 @@ def _claim(client: Any, experiment_id: str, spec: ExperimentSpec, context: RunCo
         }
         if context.parent_run_id:
             tags["mlflow.parentRunId"] = context.parent_run_id
+        if spec.description:
+            tags[tracking.NOTE_TAG] = run_note(spec, context.profile)
         run_id = client.create_run(experiment_id, run_name=label, tags=tags).info.run_id
-        _log_params_and_tags(client, run_id, flatten(spec), {})
+        _log_params_and_tags(client, run_id, run_params(spec), {})
     lease.run_id = run_id
     claim = _Claim(client, lease, experiment_id, spec, run_id, name, created=action == "new")
     try:

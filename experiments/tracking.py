@@ -284,7 +284,7 @@ def replace_metrics(client: Any, run_id: str,
                     history: Mapping[str, Sequence[tuple[int, float]]], *,
                     stale: Iterable[str] = ()) -> bool:
     """Log ``history`` (key -> (step, value) pairs) on the run in place of what those keys,
-    and the ``stale`` ones, held before. True when the old values are gone.
+    and the ``stale`` ones, held before. True when the run holds only the new values.
 
     MLflow has no call that deletes a metric, and its charts draw every value logged at a
     step: a curve logged again with new values zigzags between the old and the new (seen in
@@ -295,13 +295,10 @@ def replace_metrics(client: Any, run_id: str,
     is returned (unless nothing changed: then nothing is written)."""
     from mlflow.entities import Metric
 
-    keys = set(history) | set(stale)
-    if not _delete_metrics(client, run_id, keys):
-        if _newest_per_step(client, run_id, keys) == {k: dict(v) for k, v in history.items()}:
-            return True
-        deleted = False
-    else:
-        deleted = True
+    deleted = _delete_metrics(client, run_id, set(history) | set(stale))
+    if not deleted and _newest_per_step(client, run_id, set(history)) == \
+            {key: dict(points) for key, points in history.items()}:
+        return True  # nothing changed: nothing appended
     now = int(1000 * time.time())
     batch = [Metric(key, float(value), now, int(step))
              for key, points in history.items() for step, value in points]

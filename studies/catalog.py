@@ -75,7 +75,9 @@ def find(client: Any, *, pattern: str = "*") -> list[Entry]:
     """Every study whose experiment name matches the glob ``pattern``, in experiment order,
     each configuration most recently used first."""
     entries = []
-    for experiment in _experiments(client):
+    by_id = sorted(results.experiments(client),
+                   key=lambda e: int(e.experiment_id) if str(e.experiment_id).isdigit() else 0)
+    for experiment in by_id:
         if not fnmatch.fnmatchcase(experiment.name, pattern):
             continue
         runs = results.search_all(client, [experiment.experiment_id], "")
@@ -88,22 +90,6 @@ def find(client: Any, *, pattern: str = "*") -> list[Entry]:
         if runs and not parents:
             entries.append(_ablation(client, experiment, None))
     return entries
-
-
-def known(client: Any) -> list[str]:
-    """The names of the studies in the store (experiments holding runs)."""
-    return list(dict.fromkeys(entry.study for entry in find(client)))
-
-
-def _experiments(client: Any) -> list[Any]:
-    found, token = [], None
-    while True:
-        page = client.search_experiments(max_results=1000, page_token=token)
-        found.extend(page)
-        token = page.token
-        if not token:
-            return sorted(found, key=lambda e: int(e.experiment_id)
-                          if str(e.experiment_id).isdigit() else 0)
 
 
 def _ablation(client: Any, experiment: Any, parent: Any | None) -> Entry:

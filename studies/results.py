@@ -155,19 +155,24 @@ def search_all(client: Any, experiment_ids: list[str], filter_string: str) -> li
             return runs
 
 
+def experiments(client: Any) -> list[Any]:
+    """Every active experiment (paged), in the store's order."""
+    found, token = [], None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
+
+
 def experiment_ids(client: Any, study: str | None = None) -> list[str]:
     """The experiment named after ``study`` when it exists, else every active experiment."""
     if study is not None:
         found = client.get_experiment_by_name(study)
         if found is not None and found.lifecycle_stage == "active":
             return [found.experiment_id]
-    ids, token = [], None
-    while True:
-        page = client.search_experiments(max_results=1000, page_token=token)
-        ids.extend(e.experiment_id for e in page)
-        token = page.token
-        if not token:
-            return ids
+    return [e.experiment_id for e in experiments(client)]
 
 
 def is_parent(run: Any) -> bool:

@@ -207,7 +207,7 @@ def test_objective_on_a_real_run_returns_its_val_psnr(tracking_store, tiny):
     tags = run.data.tags
     assert (tags["trial"], tags["optuna_study"], tags["trial_state"]) == ("0", "unit", "COMPLETE")
     assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
-    assert run.info.run_name == f"{base.name}-trial0"  # trials are told apart in the UI
+    assert run.info.run_name == f"{base.name}-trial000"  # apart in the UI, sorted by name
 
 
 @pytest.mark.filterwarnings("ignore:.*out of (the )?range:UserWarning")

@@ -123,7 +123,7 @@ def test_metric_key_prefixes_are_keys_mlflow_takes(name, key, tracking_store):
     client.log_metric(run.info.run_id, f"{key}/val_psnr_mean", 1.0)  # raises if refused
 
 
-def test_a_tracking_server_appends_and_says_so(tracking_store, monkeypatch):
+def test_a_tracking_server_appends_only_what_changed(tracking_store, monkeypatch):
     """Where the store cannot delete (a tracking server), new values are appended after the
     old ones, and an unchanged redraw writes nothing."""
     client = MlflowClient()
@@ -238,9 +238,14 @@ def test_list_and_report_tell_ablation_from_tuning_studies(tracking_store, tmp_p
     study = optuna.load_study(study_name="tiny-smoke-1ep", storage="sqlite:///mlruns/optuna.db")
     assert study.metric_names == ["val/psnr"]
     client = MlflowClient()
-    assert [r.info.run_name for r in client.search_runs(
-        [client.get_experiment_by_name("kl_ablation").experiment_id])
-        if "arm" in r.data.tags] == ["kl_cyclical-s00"]
+    (run,) = [r for r in client.search_runs(
+        [client.get_experiment_by_name("kl_ablation").experiment_id]) if "arm" in r.data.tags]
+    assert run.info.run_name == "kl_cyclical-s00"
+    # The spec's prose (written for the registered spec: "40 cycles") is the run's note, not
+    # a param that disagrees with the params the profile resolved.
+    assert "description" not in run.data.params and run.data.params["kl.cycles"] != "40"
+    note = run.data.tags["mlflow.note.content"]
+    assert "40 cycles" in note and "resolved it under the `smoke` profile" in note
     capsys.readouterr()
 
     assert studies_main.main(["list"]) == 0
@@ -259,6 +264,12 @@ def test_list_and_report_tell_ablation_from_tuning_studies(tracking_store, tmp_p
         in out
     assert studies_main.main(["list", "tune-*"]) == 0
     assert "kl_ablation" not in capsys.readouterr().out
+    for name in ("kl_ablation", "tune-tiny-smoke-1ep"):
+        assert client.get_experiment_by_name(name).tags["mlflow.experimentKind"] == \
+            "custom_model_development"
+    with pytest.raises(SystemExit) as exit_info:
+        studies_main.main(["--help"])
+    assert exit_info.value.code == 0 and "python -m studies list" in capsys.readouterr().out
 
     # The report redraws each study as what it is: no ablation report of the tuning study.
     trials_csv = tmp_path / "mlruns" / "reports" / "tiny-smoke-1ep" / "trials.csv"
