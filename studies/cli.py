@@ -109,17 +109,8 @@ def default_pack(device: str) -> int:
 
 
 def build_parser(study: Study, prog: str) -> argparse.ArgumentParser:
-    studies = " and ".join([study.name, *(v.study for v in study.variants)])
-    parser = Parser(prog=prog, description=study.doc,
-                    formatter_class=argparse.RawDescriptionHelpFormatter,
-                    epilog=textwrap.fill(
-                        f"Runs go to the MLflow experiment{'s' * bool(study.variants)} {studies} "
-                        "under one parent run "
-                           "per configuration; the figures and the summary to "
-                           "mlruns/reports/<experiment>/ (redraw them with python -m "
-                           "studies.report --study <experiment>). Rerunning the command "
-                           "reuses finished runs and resumes interrupted ones (with "
-                           "--until-decided it goes on with its rounds).", 92))
+    parser = Parser(prog=prog, description=study.doc, epilog=_epilog(study),
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     names = [a.name for a in get_ablation(study.ablation).arms]
     parser.add_argument("--seeds", type=seed_arg, nargs="+", default=list(study.default_seeds),
                         help=f"seeds per arm (default: {' '.join(map(str, study.default_seeds))})")
@@ -141,6 +132,22 @@ def build_parser(study: Study, prog: str) -> argparse.ArgumentParser:
     for variant in study.variants:
         parser.add_argument(variant.flag, action="store_true", help=variant.help)
     add_common(parser)
+    _add_queue_flags(parser, study)
+    return parser
+
+
+def _epilog(study: Study) -> str:
+    studies = " and ".join([study.name, *(v.study for v in study.variants)])
+    return textwrap.fill(
+        f"Runs go to the MLflow experiment{'s' * bool(study.variants)} {studies} under one "
+        "parent run per configuration; the figures and the summary to "
+        "mlruns/reports/<experiment>/ (redraw them with python -m studies.report --study "
+        "<experiment>). Rerunning the command reuses finished runs and resumes interrupted "
+        "ones (with --until-decided it goes on with its rounds).", 92)
+
+
+def _add_queue_flags(parser: argparse.ArgumentParser, study: Study) -> None:
+    """The rounds of --until-decided, and the several-machines flags."""
     decide = parser.add_argument_group(
         "seeds until decided (a group-sequential test that keeps false positives <= 5%%)")
     decide.add_argument("--until-decided", action="store_true",
@@ -169,7 +176,6 @@ def build_parser(study: Study, prog: str) -> argparse.ArgumentParser:
     several.add_argument("--no-wait", dest="wait", action="store_false",
                          help="with --storage: return once the pairs are queued")
     storages.add_flags(several)
-    return parser
 
 
 SEED_STEP = 2  # seeds per round of --until-decided

@@ -356,7 +356,8 @@ def report(job: tuning.StudyJob, client: Any, *, root: str) -> StudyResult:
     out = REPORTS / name
     out.mkdir(parents=True, exist_ok=True)
     counts, best = tuning.counts(study), tuning.best_trial(study)
-    files, notes = tuning.write_report_files(study, out)
+    files, notes = tuning.write_report_files(
+        study, out, floor=tuning.copy_first_floor(client, job.parent_run_id))
     print(f"[{name}] {len(study.trials)} trials: {counts['COMPLETE']} complete, "
           f"{counts['PRUNED']} pruned, {counts['FAIL']} failed"
           + (f", {counts['RUNNING']} still running" if counts["RUNNING"] else ""), flush=True)

@@ -697,6 +697,18 @@ def write_plots(study: optuna.Study, out_dir: Path, *,
     return written, notes
 
 
+def copy_first_floor(client: Any, parent_run_id: str) -> float | None:
+    """The copy-first-frame floor (dB) its trials' runs logged: the line the plots draw (the
+    trials share the data, so any one of them says it)."""
+    parent = client.get_run(parent_run_id)
+    query = tracking.filter_string({"tags.mlflow.parentRunId": parent_run_id})
+    for run in client.search_runs([parent.info.experiment_id], filter_string=query,
+                                  max_results=20):
+        if "val/psnr_copy_first" in run.data.metrics:
+            return float(run.data.metrics["val/psnr_copy_first"])
+    return None
+
+
 def write_report_files(study: optuna.Study, out_dir: Path, *,
                        floor: float | None = None) -> tuple[list[Path], list[str]]:
     """The plots (``write_plots``) and ``trials.csv``: what a tuning report draws from the
@@ -732,7 +744,8 @@ def redraw_report(client: Any, parent: Any, *, out_root: Path | None = None
     with storages.storage_errors(url):
         study = optuna.load_study(study_name=name, storage=storages.open_storage(url))
     out = (out_root if out_root is not None else REPORTS) / name
-    files, notes = write_report_files(study, out)
+    files, notes = write_report_files(study, out,
+                                      floor=copy_first_floor(client, parent.info.run_id))
     for file in files:
         client.log_artifact(parent.info.run_id, str(file), "tuning")
     return out, files, notes

@@ -285,6 +285,9 @@ def test_study_end_to_end_with_a_failed_and_a_pruned_trial(tracking_store, tiny,
     assert parent.info.status == "FINISHED"
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
     assert parent.data.tags["best_trial"] == str(study.best_trial.number)
+    # the plots' floor line: the copy-first floor the trials' runs logged
+    assert tuning.copy_first_floor(client, parent.info.run_id) == pytest.approx(
+        children[0].data.metrics["val/psnr_copy_first"])
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "tuning")}
     reports = tmp_path / "mlruns" / "reports" / "e2e"
     for name in ("best_spec.toml", "optimization_history.png", "intermediate_values.png",
