@@ -114,14 +114,22 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _omp_threads() -> int | None:
+    """``OMP_NUM_THREADS`` when it is a whole number >= 1, else None."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) >= 1 else None
+
+
 def pin_threads(threads: int | None, *, share: int = 1) -> int:
     """Pin torch's CPU threads: ``threads``, or this process's share of the cores (``share``
     processes training at once: one thread each on a 2-core machine with 2 workers). Every
     entry point calls it, as its worker processes do: torch's own default ignores the other
-    processes, and oversubscribed OpenMP threads crawl on a busy machine."""
+    processes, and oversubscribed OpenMP threads crawl on a busy machine. Without
+    ``threads``, a valid ``OMP_NUM_THREADS`` in the environment wins over the share, as it
+    does for torch itself."""
     import torch
 
-    count = threads or max(1, cpu_count() // max(1, share))
+    count = threads or _omp_threads() or max(1, cpu_count() // max(1, share))
     torch.set_num_threads(count)
     return count
 
@@ -135,8 +143,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, metavar="PATH",
                         help="a lab-layout dataset folder (default: the synthetic dance data)")
     parser.add_argument("--threads", type=int_at_least(1), default=None, metavar="N",
-                        help="torch CPU threads of this process (default: the cores it may "
-                             "use; worker processes share them)")
+                        help="torch CPU threads of this process (default: $OMP_NUM_THREADS, "
+                             "else the cores it may use; worker processes share them)")
 
 
 def resolve_profile_and_device(args: argparse.Namespace) -> tuple[str, str]:

@@ -342,3 +342,27 @@ def test_show_says_which_values_came_from_the_profile(capsys):
     line = next(line for line in err.splitlines() if line.startswith("set by the profile cpu"))
     assert "model.decoder_dim=32 (spec: 192)" in line and "optim.lr=0.002" in line
     assert "frame_dim" not in line
+
+
+@pytest.mark.parametrize("threads, env, share, expected", [
+    (3, "1", 1, 3),        # --threads wins
+    (None, "1", 1, 1),     # then OMP_NUM_THREADS, as torch itself reads it
+    (None, "zero", 2, 1),  # not a whole number: ignored; 2 cores shared by 2 processes
+    (None, None, 1, 2),    # all the cores this process may use
+])
+def test_pin_threads_choice(monkeypatch, threads, env, share, expected):
+    import torch
+
+    from experiments import cli
+
+    monkeypatch.setattr(cli, "cpu_count", lambda: 2)
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    before = torch.get_num_threads()
+    try:
+        assert cli.pin_threads(threads, share=share) == expected
+        assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
