@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +31,14 @@ def test_smoke_run_records_tags_metrics_artifacts_then_skips(tracking_store, tmp
     result = run_cli("experiments", "run", "kl_cyclical", "--profile", "smoke", "--epochs", "2",
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    # Output to a pipe, not a terminal: one progress line per epoch, no bar.
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[kl_cyclical-s00]")]
+    epochs = [line for line in lines if " epoch " in line]
+    assert len(epochs) == 2, result.stdout
+    assert re.fullmatch(r"\[kl_cyclical-s00\] epoch 1/2 · train loss \S+ · β \S+ · tfr 0\.00 · "
+                        r"(val PSNR \d+\.\d\d dB · )?\d+\.\d s/epoch · run ETA \d+ s", epochs[0])
+    assert epochs[1].startswith("[kl_cyclical-s00] epoch 2/2 ") and "val PSNR" in epochs[1]
+    assert epochs[1].endswith("run ETA 0 s") and "\r" not in result.stdout + result.stderr
     client = MlflowClient()
     (run,) = _runs(client)
     assert run.info.status == "FINISHED"

@@ -4,6 +4,7 @@ reuse on rerun, resume of an interrupted run, and the report redrawn from MLflow
 from __future__ import annotations
 
 import itertools
+import re
 
 import pandas as pd
 import pytest
@@ -69,6 +70,10 @@ def test_kl_study_runs_reports_reuses_resumes_and_redraws(tracking_store, tmp_pa
         workers = {line.split(":")[1] for line in first.stdout.splitlines()
                    if "done: val/psnr" in line}
         assert len(workers) > 1  # the runs were shared
+        # Not a terminal: the workers' per-epoch lines and the study's ETA lines, relayed.
+        assert first.stdout.count("[kl_cyclical-s01] epoch ") == 2
+        assert re.search(r"study kl_ablation: \d/6 complete, \d running, \d waiting, 0 failed · "
+                         r"\d+% of the epochs · study ETA \d+ (s|min)", first.stdout), first.stdout
     else:
         assert first.stdout.count(": start") == 6
     # The short summary: the study's readouts (auc first), each within 100 columns.
