@@ -66,6 +66,19 @@ def wait_for_epoch(client: MlflowClient, experiment: str, *, timeout: float = 30
     raise AssertionError("no run logged an epoch before the deadline")
 
 
+def kill_after_first_epoch(command: list[str], cwd: Path, experiment: str) -> str:
+    """Start ``command``, SIGKILL it once a run of ``experiment`` has logged an epoch; that
+    run's id (the run is left RUNNING: nobody cleaned up)."""
+    proc = subprocess.Popen(command, cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        run_id = wait_for_epoch(MlflowClient(), experiment)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return run_id
+
+
 # ---------------------------------------------------------------------------------------------
 # A killed tuning command, rerun
 # ---------------------------------------------------------------------------------------------
@@ -85,14 +98,8 @@ def test_a_killed_tuning_command_leaves_nothing_running_once_rerun(tracking_stor
                "--n-trials", "2", "--profile", "smoke", "--epochs", "4", "--storage",
                str(journal), "--study-name", "killed", "--pruner", "none", "--sampler",
                "random"]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     client = MlflowClient()
-    try:
-        run_id = wait_for_epoch(client, "tune-killed")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    run_id = kill_after_first_epoch(command, tmp_path, "tune-killed")
     assert client.get_run(run_id).info.status == "RUNNING"
 
     again = subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True,
@@ -124,14 +131,8 @@ def test_killed_queue_worker_restarted_resumes_with_uninterrupted_metrics(
     assert coordinated.returncode == 0, coordinated.stderr
     worker = [sys.executable, "-m", "studies.queue", "worker", "--storage", storage,
               "--study", "kq", "--device", "cpu", "--heartbeat", "1", "--grace", "2"]
-    proc = subprocess.Popen(worker, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     client = MlflowClient()
-    try:
-        run_id = wait_for_epoch(client, "kq")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    run_id = kill_after_first_epoch(worker, tmp_path, "kq")
     assert client.get_run(run_id).info.status == "RUNNING"
     assert len(history(client, run_id, "train/loss")) < 4
 
