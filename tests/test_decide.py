@@ -88,6 +88,8 @@ def test_report_reads_the_sequential_design_from_the_parent(tracking_store, tmp_
     assert text == report.markdown
     assert "looks at 2, 4, 6 of at most 6 seeds" in text and "Lan & DeMets 1983" in text
     assert "seeds 9 of this configuration, run otherwise, are not in the summary" in text
+    # Verdicts on the other readouts are not corrected for multiplicity: the report says so.
+    assert "5% chance of a \"better\" or \"worse\" on each of the 4 others" in text
     sections = [text.index(f"### `{name}`") for name in
                 ("auc", "final", "best", "epochs_to_floor", "train_loss_auc")]
     assert sections == sorted(sections)
