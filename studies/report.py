@@ -147,8 +147,8 @@ READOUTS_INTRO = (
     "false-positive rate for its own readout only: the study's question is decided on its "
     "primary readout, and an arm that does not differ from the reference still has a 5% "
     f"chance of a \"better\" or \"worse\" on each of the {len(summary.READOUTS) - 1} others "
-    "(up to about one in five for one of them). Read a verdict on a readout that does not "
-    "answer the study's question as a lead to test again on new seeds, not as a finding.")
+    "(up to about one in five for one of them). Read a verdict on any readout but the "
+    "primary one as a lead to test again on new seeds, not as a finding.")
 
 
 def summary_markdown(results: StudyResults, report: Report) -> str:
