@@ -140,15 +140,17 @@ def _readout_sections(table: pd.DataFrame, meta: StudyMeta, *, reference: str) -
     return sections
 
 
+_OTHERS = len(summary.READOUTS) - 1  # readouts besides the primary, none corrected for it
 READOUTS_INTRO = (
-    "Each readout is read off each run's curves, then given as mean ± sd over seeds with a 95% "
-    "t-interval, and Δ against the reference with the interval its verdict read (paired by "
-    "seed). summary_readouts.csv holds them as one long table. Each verdict keeps its 5% "
-    "false-positive rate for its own readout only: the study's question is decided on its "
-    "primary readout, and an arm that does not differ from the reference still has a 5% "
-    f"chance of a \"better\" or \"worse\" on each of the {len(summary.READOUTS) - 1} others "
-    "(up to about one in five for one of them). Read a verdict on any readout but the "
-    "primary one as a lead to test again on new seeds, not as a finding.")
+    "Each readout is read off each run's curves, then given as mean ± sd over seeds with a "
+    f"{summary.CONFIDENCE:.0%} t-interval, and Δ against the reference with the interval its "
+    "verdict read (paired by seed). summary_readouts.csv holds them as one long table. Each "
+    f"verdict keeps its {summary.ALPHA:.0%} false-positive rate for its own readout only: the "
+    "study's question is decided on its primary readout, and an arm that does not differ from "
+    f"the reference still has a {summary.ALPHA:.0%} chance of a \"better\" or \"worse\" on "
+    f"each of the {_OTHERS} others (up to {1 - (1 - summary.ALPHA) ** _OTHERS:.0%} for one of "
+    "them). Read a verdict on any readout but the primary one as a lead to test again on new "
+    "seeds, not as a finding.")
 
 
 def summary_markdown(results: StudyResults, report: Report) -> str:
