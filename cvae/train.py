@@ -519,8 +519,9 @@ class FitConfig:
 class Hooks:
     """Callbacks from ``fit``; every method does nothing by default.
 
-    ``log_metrics`` is the logging protocol (DESIGN.md): metric keys like ``train/loss``,
-    step = epoch. ``on_epoch_end`` gets the full ``FitState`` so a caller can checkpoint.
+    ``log_metrics`` is the logging protocol (the README's "What a run records in MLflow"):
+    metric keys like ``train/loss``, step = epoch. ``on_epoch_end`` gets the full
+    ``FitState`` so a caller can checkpoint.
     """
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

@@ -1,6 +1,6 @@
 """MLflow plumbing: where runs go, how they are found again, and secrets kept out of them.
 
-Defaults (DESIGN.md): tracking ``sqlite:///mlruns/mlflow.db`` under the working directory,
+Defaults: tracking ``sqlite:///mlruns/mlflow.db`` under the working directory,
 artifacts in ``mlruns/artifacts``; ``MLFLOW_TRACKING_URI`` overrides (a server included).
 Experiments are created once and runs started with ``experiment_id`` (concurrent
 ``set_experiment`` misfiles runs).

@@ -6,6 +6,7 @@ library. Read from the source with ``ast``: nothing is imported to check it."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,14 @@ def test_the_queue_does_not_import_the_tuner():
 @pytest.mark.parametrize("path", sorted((ROOT / "cvae").rglob("*.py")), ids=lambda p: p.name)
 def test_the_science_imports_no_tracking_or_plotting(path):
     assert not {m for m in _imports(path) if m.split(".")[0] in NOT_IN_CVAE}
+
+
+def test_every_document_the_code_cites_is_in_the_project():
+    """A docstring that names a document (``ARCHITECTURE.md``, ``README.md``: capitals, not a
+    report file such as ``summary.md``) names one a fresh clone has, at the root or in docs/."""
+    cited = {(path.relative_to(ROOT).as_posix(), name)
+             for package in LAYERS for path in (ROOT / package).rglob("*.py")
+             for name in re.findall(r"\b([A-Z][A-Z_]+\.md)\b", path.read_text())}
+    missing = sorted(f"{path} cites {name}" for path, name in cited
+                     if not (ROOT / name).is_file() and not (ROOT / "docs" / name).is_file())
+    assert missing == []

@@ -1,6 +1,6 @@
 """Load the lab's folder layout as uint8 tensors, decoded once and cached.
 
-Layout (LAB_REFERENCE.md, "The dataset"):
+Layout (the README's "The lab dataset"):
 
     ROOT/train/train_img/*.png   ROOT/train/train_label/*.png   (a label has its frame's name)
     ROOT/val/val_img/*.png       ROOT/val/val_label/*.png
