@@ -421,9 +421,3 @@ def write_tables(results: StudyResults, out_dir: str | Path) -> list[Path]:
         table.to_parquet(parquet, index=False)
         written += [csv, parquet]
     return written
-
-
-def final_values(metrics: pd.DataFrame, metric: str = "val/psnr") -> pd.Series:
-    """run_id -> the metric's value at its last logged epoch."""
-    curve = metrics[metrics["metric"] == metric].sort_values("epoch")
-    return curve.groupby("run_id")["value"].last() if len(curve) else pd.Series(dtype=float)

@@ -521,3 +521,23 @@ def test_rollout_keeps_features_channels_last(teacher_forcing):
     rollout_loss(rollout(model, frames, labels, eps, teacher_forcing=teacher_forcing), 1.0)[0]
     assert seen
     assert [s for s in seen if not s[2]] == []
+
+
+def test_train_step_takes_one_step_and_reports_the_objective_per_frame():
+    """``train_step`` (the library's one step, plain floats): the same generator gives the same
+    step; the objective is the sum over the T-1 predicted frames of MSE + beta * KL, with
+    ``mse`` and ``kl`` per predicted frame; the parameters move."""
+    frames, labels = (to_unit(x).reshape(2, 6, 3, H, W) for x in square_video(12))
+    torch.manual_seed(0)
+    model = VideoCVAE(**DIMS)
+    twin = copy.deepcopy(model)
+    before = copy.deepcopy(model.state_dict())
+    results = [cvae.train.train_step(m, torch.optim.Adam(m.parameters(), 1e-3), frames, labels,
+                                     beta=0.5, teacher_forcing=True,
+                                     generator=torch.Generator().manual_seed(1))
+               for m in (model, twin)]
+    assert results[0] == results[1]
+    step = results[0]
+    assert all(math.isfinite(v) for v in (step.loss, step.mse, step.kl))
+    assert step.loss == pytest.approx(5 * (step.mse + 0.5 * step.kl), rel=1e-5)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
