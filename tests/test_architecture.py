@@ -94,3 +94,28 @@ def test_every_document_the_code_cites_is_in_the_project():
     missing = sorted(f"{path} cites {name}" for path, name in cited
                      if not (ROOT / name).is_file() and not (ROOT / "docs" / name).is_file())
     assert missing == []
+
+
+def _functions(package: str):
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield path.relative_to(ROOT).as_posix(), node
+
+
+def _parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    args = node.args
+    names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+    names += [a.arg for a in (args.vararg, args.kwarg) if a is not None]
+    return len(names) - (names[:1] in (["self"], ["cls"]))
+
+
+@pytest.mark.parametrize("package", ["experiments", "studies"])
+def test_functions_stay_short_and_narrow(package):
+    """The orchestration reads in small pieces: no function over 60 lines, no signature over
+    8 parameters (a ``Grid`` carries a study's bundle)."""
+    long = [f"{path}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines"
+            for path, node in _functions(package) if node.end_lineno - node.lineno + 1 > 60]
+    wide = [f"{path}:{node.lineno} {node.name}: {_parameters(node)} parameters"
+            for path, node in _functions(package) if _parameters(node) > 8]
+    assert long == [] and wide == []
