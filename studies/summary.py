@@ -463,7 +463,10 @@ READOUTS = (
             "as its last epoch + 1 (censored), which understates how slow it is.",
             censored=True),
     Readout("train_loss_auc", "Mean train loss over epochs", "loss", False, 4,
-            "the area under the train loss curve per epoch (the mean over epochs)."),
+            "the area under the train loss curve per epoch (the mean over epochs). It is the "
+            "objective each run minimises (MSE + β·KL), so it ranks arms only where they "
+            "minimise the same one: arms with another β schedule or another prior (the KL "
+            "taken against another distribution) differ in it by construction."),
 )
 READOUT_NAMES = tuple(r.name for r in READOUTS)
 
